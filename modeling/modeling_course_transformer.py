@@ -229,6 +229,11 @@ class CourseTransformerAttention(nn.Module):
             attention_fn: Callable = eager_attention_forward
         else:
             attention_fn = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
+        extra = {}
+        if attention_fn is not eager_attention_forward and implementation == "flex_attention" and \
+                attention_mask is not None and attention_mask.shape[1] > 1:
+            # transformers' flex wrapper reads head 0 of a mask; a per-head bias (ALiBi) goes in `position_bias`.
+            extra["position_bias"], attention_mask = attention_mask, None
         output, weights = attention_fn(
             self,
             query,
@@ -238,6 +243,7 @@ class CourseTransformerAttention(nn.Module):
             scaling=self.scaling,
             dropout=self.attention_dropout if self.training else 0.0,
             is_causal=self.is_causal,
+            **extra,
         )  # (B, T, H, D), (B, H, T, S) or None
 
         if head_mask is not None:
