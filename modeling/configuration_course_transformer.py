@@ -212,11 +212,18 @@ class CourseTransformerConfig(PretrainedConfig):
         if self.classifier_pooling == "pooler" and not self.add_pooling_layer:
             _fail("classifier_pooling", "pooler", "needs add_pooling_layer=True")
 
-        for field in ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id", "sep_token_id",
-                      "mask_token_id"):
+        for field in (
+            "pad_token_id",
+            "bos_token_id",
+            "eos_token_id",
+            "decoder_start_token_id",
+            "sep_token_id",
+            "mask_token_id",
+        ):
             value = getattr(self, field)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
-                                      or not 0 <= value < self.vocab_size):
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < self.vocab_size
+            ):
                 _fail(field, value, f"must be None or a token id in [0, {self.vocab_size})")
 
 

@@ -111,13 +111,12 @@ def padding_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 def additive_bias(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """0 where attending is allowed, the most negative finite value elsewhere: exp() underflows to exactly 0,
     and a row with no allowed key stays finite (uniform) instead of NaN. Never a magic -1e9 (unsafe in fp16)."""
-    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
-        ~allowed, torch.finfo(dtype).min
-    )
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
-def default_position_ids(attention_mask: torch.Tensor | None, past_length: int, length: int,
-                         device: torch.device) -> torch.Tensor:
+def default_position_ids(
+    attention_mask: torch.Tensor | None, past_length: int, length: int, device: torch.device
+) -> torch.Tensor:
     """Positions past .. past+T-1, shifted left by the number of leading pads so that a left-padded row gets
     the same positions as the row run alone (right padding keeps plain 0, 1, 2, ...)."""
     positions = torch.arange(past_length, past_length + length, device=device)[None]  # (1, T)
@@ -200,8 +199,11 @@ class CourseTransformerAttention(nn.Module):
 
         cache = past_key_values
         if isinstance(past_key_values, EncoderDecoderCache):
-            cache = past_key_values.cross_attention_cache if self.is_cross_attention else \
-                past_key_values.self_attention_cache
+            cache = (
+                past_key_values.cross_attention_cache
+                if self.is_cross_attention
+                else past_key_values.self_attention_cache
+            )
 
         if self.is_cross_attention:
             # The encoder output does not change while decoding: project it once, then reuse the cache.
@@ -230,8 +232,12 @@ class CourseTransformerAttention(nn.Module):
         else:
             attention_fn = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
         extra = {}
-        if attention_fn is not eager_attention_forward and implementation == "flex_attention" and \
-                attention_mask is not None and attention_mask.shape[1] > 1:
+        if (
+            attention_fn is not eager_attention_forward
+            and implementation == "flex_attention"
+            and attention_mask is not None
+            and attention_mask.shape[1] > 1
+        ):
             # transformers' flex wrapper reads head 0 of a mask; a per-head bias (ALiBi) goes in `position_bias`.
             extra["position_bias"], attention_mask = attention_mask, None
         output, weights = attention_fn(
@@ -319,16 +325,24 @@ class CourseTransformerLayer(GradientCheckpointingLayer):
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         hidden_states, self_weights = self._residual(
             self.self_attn_norm,
-            lambda x: self.self_attn(x, attention_mask, None, position_embeddings, past_key_values,
-                                     output_attentions, head_mask),
+            lambda x: self.self_attn(
+                x, attention_mask, None, position_embeddings, past_key_values, output_attentions, head_mask
+            ),
             hidden_states,
         )
         cross_weights = None
         if self.cross_attn is not None:
             hidden_states, cross_weights = self._residual(
                 self.cross_attn_norm,
-                lambda x: self.cross_attn(x, encoder_attention_mask, encoder_hidden_states, None, past_key_values,
-                                          output_attentions, cross_attn_head_mask),
+                lambda x: self.cross_attn(
+                    x,
+                    encoder_attention_mask,
+                    encoder_hidden_states,
+                    None,
+                    past_key_values,
+                    output_attentions,
+                    cross_attn_head_mask,
+                ),
                 hidden_states,
             )
         hidden_states, _ = self._residual(self.ffn_norm, lambda x: (self.ffn(x), None), hidden_states)
@@ -427,7 +441,11 @@ class CourseTransformerStack(nn.Module):
         self.gradient_checkpointing = False
 
     def _self_attention_bias(
-        self, attention_mask: torch.Tensor | None, length: int, past_length: int, dtype: torch.dtype,
+        self,
+        attention_mask: torch.Tensor | None,
+        length: int,
+        past_length: int,
+        dtype: torch.dtype,
         device: torch.device,
     ) -> torch.Tensor | None:
         """Additive bias (B|1, H|1, T, S) for self-attention, or None when the kernel's own `is_causal` (decoder)
@@ -504,8 +522,10 @@ class CourseTransformerStack(nn.Module):
             _check_ids("token_type_ids", token_type_ids, config.type_vocab_size, "type_vocab_size")
         if position_ids is None:
             position_ids = default_position_ids(attention_mask, past_length, length, device)
-        if config.position_encoding in ("learned", "sinusoidal") and past_length + length > \
-                config.max_position_embeddings:
+        if (
+            config.position_encoding in ("learned", "sinusoidal")
+            and past_length + length > config.max_position_embeddings
+        ):
             raise ValueError(
                 f"sequence of {past_length + length} positions (cached {past_length} + new {length}) exceeds "
                 f"config.max_position_embeddings={config.max_position_embeddings} allowed by "
@@ -634,7 +654,7 @@ class CourseTransformerModel(CourseTransformerPreTrainedModel):
         super().__init__(config)
         self.encoder = CourseTransformerStack(config, is_decoder=False) if config.has_encoder else None
         self.decoder = CourseTransformerStack(config, is_decoder=True) if config.has_decoder else None
-        self.pooler = CourseTransformerPooler(config) if config.add_pooling_layer and config.has_encoder else None
+        self.pooler = CourseTransformerPooler(config) if config.add_pooling_layer else None
         # The encoder-decoder shares one token embedding between its stacks (Vaswani et al. 2017, 3.4).
         self._tied_weights_keys = (
             {"decoder.embeddings.word_embeddings.weight": "encoder.embeddings.word_embeddings.weight"}
@@ -675,13 +695,16 @@ class CourseTransformerModel(CourseTransformerPreTrainedModel):
         decoder_head_mask: torch.Tensor | None = None,
         cross_attn_head_mask: torch.Tensor | None = None,
         return_dict: bool | None = None,
-    ) -> BaseModelOutputWithPoolingAndCrossAttentions | BaseModelOutputWithPastAndCrossAttentions | \
-            Seq2SeqModelOutput:
-        shared = dict(output_attentions=output_attentions, output_hidden_states=output_hidden_states,
-                      attention_layers=attention_layers)
+    ) -> BaseModelOutputWithPoolingAndCrossAttentions | BaseModelOutputWithPastAndCrossAttentions | Seq2SeqModelOutput:
+        shared = dict(
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            attention_layers=attention_layers,
+        )
         if self.config.architecture == "encoder":
-            out = self.encoder(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
-                               head_mask=head_mask, **shared)
+            out = self.encoder(
+                input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, head_mask=head_mask, **shared
+            )
             return BaseModelOutputWithPoolingAndCrossAttentions(
                 last_hidden_state=out.last_hidden_state,
                 pooler_output=self.pooler(out.last_hidden_state) if self.pooler is not None else None,
@@ -689,8 +712,17 @@ class CourseTransformerModel(CourseTransformerPreTrainedModel):
                 attentions=out.attentions,
             )
         if self.config.architecture == "decoder":
-            return self.decoder(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
-                                past_key_values=past_key_values, use_cache=use_cache, head_mask=head_mask, **shared)
+            return self.decoder(
+                input_ids,
+                attention_mask,
+                token_type_ids,
+                position_ids,
+                inputs_embeds,
+                past_key_values=past_key_values,
+                use_cache=use_cache,
+                head_mask=head_mask,
+                **shared,
+            )
 
         if decoder_input_ids is None and decoder_inputs_embeds is None:
             raise ValueError(
@@ -698,8 +730,9 @@ class CourseTransformerModel(CourseTransformerPreTrainedModel):
                 "CourseTransformerForSeq2SeqLM also derives them from labels"
             )
         if encoder_outputs is None:
-            encoder_outputs = self.encoder(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
-                                           head_mask=head_mask, **shared)
+            encoder_outputs = self.encoder(
+                input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, head_mask=head_mask, **shared
+            )
         elif isinstance(encoder_outputs, tuple):
             encoder_outputs = BaseModelOutput(*encoder_outputs)
         decoder_out = self.decoder(
@@ -777,10 +810,17 @@ class CourseTransformerForCausalLM(CourseTransformerPreTrainedModel, GenerationM
         **kwargs,
     ) -> CausalLMOutputWithCrossAttentions:
         out = self.model(
-            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
-            position_ids=position_ids, inputs_embeds=inputs_embeds, past_key_values=past_key_values,
-            use_cache=use_cache, output_attentions=output_attentions, output_hidden_states=output_hidden_states,
-            attention_layers=attention_layers, head_mask=head_mask,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            attention_layers=attention_layers,
+            head_mask=head_mask,
         )
         hidden_states = out.last_hidden_state
         if logits_to_keep:  # generation only needs the last position's logits
@@ -793,7 +833,10 @@ class CourseTransformerForCausalLM(CourseTransformerPreTrainedModel, GenerationM
                 logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=-100
             )
         return CausalLMOutputWithCrossAttentions(
-            loss=loss, logits=logits, past_key_values=out.past_key_values, hidden_states=out.hidden_states,
+            loss=loss,
+            logits=logits,
+            past_key_values=out.past_key_values,
+            hidden_states=out.hidden_states,
             attentions=out.attentions,
         )
 
@@ -853,16 +896,28 @@ class CourseTransformerForSeq2SeqLM(CourseTransformerPreTrainedModel, Generation
         **kwargs,
     ) -> Seq2SeqLMOutput:
         if labels is not None and decoder_input_ids is None and decoder_inputs_embeds is None:
-            decoder_input_ids = shift_tokens_right(labels, self.config.pad_token_id or 0,
-                                                   self.config.decoder_start_token_id)
+            decoder_input_ids = shift_tokens_right(
+                labels, self.config.pad_token_id or 0, self.config.decoder_start_token_id
+            )
         out = self.model(
-            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
-            position_ids=position_ids, inputs_embeds=inputs_embeds, decoder_input_ids=decoder_input_ids,
-            decoder_attention_mask=decoder_attention_mask, decoder_position_ids=decoder_position_ids,
-            decoder_inputs_embeds=decoder_inputs_embeds, encoder_outputs=encoder_outputs,
-            past_key_values=past_key_values, use_cache=use_cache, output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states, attention_layers=attention_layers, head_mask=head_mask,
-            decoder_head_mask=decoder_head_mask, cross_attn_head_mask=cross_attn_head_mask,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            decoder_input_ids=decoder_input_ids,
+            decoder_attention_mask=decoder_attention_mask,
+            decoder_position_ids=decoder_position_ids,
+            decoder_inputs_embeds=decoder_inputs_embeds,
+            encoder_outputs=encoder_outputs,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            attention_layers=attention_layers,
+            head_mask=head_mask,
+            decoder_head_mask=decoder_head_mask,
+            cross_attn_head_mask=cross_attn_head_mask,
         )
         hidden_states = out.last_hidden_state
         if logits_to_keep:
@@ -872,10 +927,15 @@ class CourseTransformerForSeq2SeqLM(CourseTransformerPreTrainedModel, Generation
         if labels is not None:
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100)
         return Seq2SeqLMOutput(
-            loss=loss, logits=logits, past_key_values=out.past_key_values,
-            decoder_hidden_states=out.decoder_hidden_states, decoder_attentions=out.decoder_attentions,
-            cross_attentions=out.cross_attentions, encoder_last_hidden_state=out.encoder_last_hidden_state,
-            encoder_hidden_states=out.encoder_hidden_states, encoder_attentions=out.encoder_attentions,
+            loss=loss,
+            logits=logits,
+            past_key_values=out.past_key_values,
+            decoder_hidden_states=out.decoder_hidden_states,
+            decoder_attentions=out.decoder_attentions,
+            cross_attentions=out.cross_attentions,
+            encoder_last_hidden_state=out.encoder_last_hidden_state,
+            encoder_hidden_states=out.encoder_hidden_states,
+            encoder_attentions=out.encoder_attentions,
         )
 
 
@@ -926,9 +986,16 @@ class CourseTransformerForMaskedLM(CourseTransformerPreTrainedModel):
         **kwargs,
     ) -> MaskedLMOutput:
         out = _encoder_like(
-            self.model, input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
-            position_ids=position_ids, inputs_embeds=inputs_embeds, output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states, attention_layers=attention_layers, head_mask=head_mask,
+            self.model,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            attention_layers=attention_layers,
+            head_mask=head_mask,
         )
         logits = self.lm_head(self.transform(out.last_hidden_state))  # (B, T, V)
         loss = None
@@ -953,8 +1020,11 @@ class CourseTransformerForSequenceClassification(CourseTransformerPreTrainedMode
     def _pool(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         pooling = self.config.classifier_pooling
         if pooling == "auto":  # BERT's pooler when present, the last token for a causal decoder, else the first
-            pooling = "pooler" if self.model.pooler is not None else (
-                "last" if self.config.architecture == "decoder" else "first")
+            pooling = (
+                "pooler"
+                if self.model.pooler is not None
+                else ("last" if self.config.architecture == "decoder" else "first")
+            )
         if pooling == "pooler":
             return self.model.pooler(hidden_states)  # (B, C)
         if pooling == "first":
@@ -984,17 +1054,25 @@ class CourseTransformerForSequenceClassification(CourseTransformerPreTrainedMode
         **kwargs,
     ) -> SequenceClassifierOutput:
         out = _encoder_like(
-            self.model, input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
-            position_ids=position_ids, inputs_embeds=inputs_embeds, use_cache=False,
-            output_attentions=output_attentions, output_hidden_states=output_hidden_states,
-            attention_layers=attention_layers, head_mask=head_mask,
+            self.model,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            use_cache=False,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            attention_layers=attention_layers,
+            head_mask=head_mask,
         )
         logits = self.classifier(self.dropout(self._pool(out.last_hidden_state, attention_mask)))  # (B, num_labels)
         loss = None
         if labels is not None:
             loss = _classification_loss(self.config, logits, labels)
-        return SequenceClassifierOutput(loss=loss, logits=logits, hidden_states=out.hidden_states,
-                                        attentions=out.attentions)
+        return SequenceClassifierOutput(
+            loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions
+        )
 
 
 def _classification_loss(config: CourseTransformerConfig, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -1042,16 +1120,24 @@ class CourseTransformerForTokenClassification(CourseTransformerPreTrainedModel):
         **kwargs,
     ) -> TokenClassifierOutput:
         out = _encoder_like(
-            self.model, input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
-            position_ids=position_ids, inputs_embeds=inputs_embeds, output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states, attention_layers=attention_layers, head_mask=head_mask,
+            self.model,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            attention_layers=attention_layers,
+            head_mask=head_mask,
         )
         logits = self.classifier(self.dropout(out.last_hidden_state))  # (B, T, num_labels)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits.reshape(-1, self.num_labels).float(), labels.reshape(-1), ignore_index=-100)
-        return TokenClassifierOutput(loss=loss, logits=logits, hidden_states=out.hidden_states,
-                                     attentions=out.attentions)
+        return TokenClassifierOutput(
+            loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions
+        )
 
 
 # Saved folders carry this file; importing the pipeline here makes `save_pretrained` copy its file too, so that

@@ -22,8 +22,13 @@ class CourseTransformerText2TextPipeline(Pipeline):
     _load_tokenizer = True
     _default_generation_config = GenerationConfig(max_new_tokens=64)
 
-    def _sanitize_parameters(self, truncation: bool | None = None, max_source_length: int | None = None,
-                             skip_special_tokens: bool = True, **generate_kwargs: Any):
+    def _sanitize_parameters(
+        self,
+        truncation: bool | None = None,
+        max_source_length: int | None = None,
+        skip_special_tokens: bool = True,
+        **generate_kwargs: Any,
+    ):
         preprocess = {}
         if truncation is not None:
             preprocess["truncation"] = truncation

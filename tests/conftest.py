@@ -14,10 +14,38 @@ import modeling  # noqa: E402
 from modeling import CourseTransformerConfig  # noqa: E402
 
 VOCAB = 64
-WORDS = (
-    "the pizza came out of the oven and it tasted good . a cat sat on mat dog ran to park "
-    "le chat est sur tapis chien court au parc"
-).split()
+WORDS = [
+    "the",
+    "pizza",
+    "came",
+    "out",
+    "of",
+    "the",
+    "oven",
+    "and",
+    "it",
+    "tasted",
+    "good",
+    ".",
+    "a",
+    "cat",
+    "sat",
+    "on",
+    "mat",
+    "dog",
+    "ran",
+    "to",
+    "park",
+    "le",
+    "chat",
+    "est",
+    "sur",
+    "tapis",
+    "chien",
+    "court",
+    "au",
+    "parc",
+]
 
 
 def tiny_config(architecture: str = "decoder", **overrides) -> CourseTransformerConfig:
@@ -79,8 +107,14 @@ def build_tokenizer():
 
     tok.decoder = decoders.WordPiece(prefix="##")
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="[PAD]", bos_token="<s>", eos_token="</s>", unk_token="[UNK]",
-        mask_token="[MASK]", cls_token="[CLS]", sep_token="[SEP]",
+        tokenizer_object=tok,
+        pad_token="[PAD]",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="[UNK]",
+        mask_token="[MASK]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
     )
 
 

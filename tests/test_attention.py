@@ -184,9 +184,7 @@ def test_head_mask_ablates_heads_under_every_backend():
     x = torch.randn(1, 6, 32)
     out, _, _ = layer(x, head_mask=torch.zeros(4))
     o_bias = layer.self_attn.o_proj.bias
-    expected = layer.ffn_norm(
-        layer.self_attn_norm(x + o_bias) + layer.ffn(layer.self_attn_norm(x + o_bias))
-    )
+    expected = layer.ffn_norm(layer.self_attn_norm(x + o_bias) + layer.ffn(layer.self_attn_norm(x + o_bias)))
     torch.testing.assert_close(out, expected, atol=ATOL, rtol=0)
 
 

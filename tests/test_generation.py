@@ -76,8 +76,9 @@ def test_incremental_forward_matches_full_forward():
             enc = model.get_encoder()(input_ids=src)
             steps = [model(encoder_outputs=enc, decoder_input_ids=seq[:, :3], past_key_values=cache).logits]
             for t in range(3, 8):
-                steps.append(model(encoder_outputs=enc, decoder_input_ids=seq[:, t : t + 1],
-                                   past_key_values=cache).logits)
+                steps.append(
+                    model(encoder_outputs=enc, decoder_input_ids=seq[:, t : t + 1], past_key_values=cache).logits
+                )
             assert all(cache.is_updated.values())
         torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=0)
 
@@ -104,8 +105,14 @@ def test_sampling_is_seeded_and_respects_vocab():
 
 def test_generate_returns_attentions_under_sdpa():
     model = tiny_model("encoder-decoder", attn_implementation="sdpa")
-    out = model.generate(torch.randint(3, VOCAB, (1, 5)), max_new_tokens=3, do_sample=False,
-                         output_attentions=True, return_dict_in_generate=True, eos_token_id=None)
+    out = model.generate(
+        torch.randint(3, VOCAB, (1, 5)),
+        max_new_tokens=3,
+        do_sample=False,
+        output_attentions=True,
+        return_dict_in_generate=True,
+        eos_token_id=None,
+    )
     assert len(out.cross_attentions) == 3  # one entry per generated token
     assert out.cross_attentions[-1][0].shape == (1, 4, 1, 5)
     assert len(out.encoder_attentions) == 2

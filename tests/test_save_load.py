@@ -27,8 +27,11 @@ import modeling
 
 ARCHS = ["decoder", "encoder", "encoder-decoder"]
 ENCODINGS = ["sinusoidal", "learned", "rope", "alibi"]
-AUTO_FOR_ARCH = {"decoder": AutoModelForCausalLM, "encoder": AutoModelForMaskedLM,
-                 "encoder-decoder": AutoModelForSeq2SeqLM}
+AUTO_FOR_ARCH = {
+    "decoder": AutoModelForCausalLM,
+    "encoder": AutoModelForMaskedLM,
+    "encoder-decoder": AutoModelForSeq2SeqLM,
+}
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -81,21 +84,26 @@ def test_every_auto_class_resolves(tmp_path):
     tok = AutoModelForTokenClassification.from_pretrained(tmp_path, num_labels=5)
     assert seq.classifier.out_features == 3 and tok.classifier.out_features == 5
     # the base weights came from the masked-LM checkpoint (base_model_prefix lets heads share them)
-    assert torch.equal(seq.model.encoder.layers[0].self_attn.q_proj.weight,
-                       enc.model.encoder.layers[0].self_attn.q_proj.weight)
+    assert torch.equal(
+        seq.model.encoder.layers[0].self_attn.q_proj.weight, enc.model.encoder.layers[0].self_attn.q_proj.weight
+    )
 
 
 def test_saved_folder_carries_code_auto_map_and_generation_config(tmp_path):
     model = tiny_model("encoder-decoder")
-    model.generation_config = GenerationConfig(decoder_start_token_id=1, pad_token_id=0, eos_token_id=2,
-                                               num_beams=2, max_new_tokens=20)
+    model.generation_config = GenerationConfig(
+        decoder_start_token_id=1, pad_token_id=0, eos_token_id=2, num_beams=2, max_new_tokens=20
+    )
     model.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["auto_map"]["AutoModelForSeq2SeqLM"].endswith(".CourseTransformerForSeq2SeqLM")
     assert config["auto_map"]["AutoConfig"].endswith(".CourseTransformerConfig")
     assert "text2text-generation" in config["custom_pipelines"]
-    for name in ("modeling_course_transformer.py", "configuration_course_transformer.py",
-                 "pipeline_course_transformer.py"):
+    for name in (
+        "modeling_course_transformer.py",
+        "configuration_course_transformer.py",
+        "pipeline_course_transformer.py",
+    ):
         assert (tmp_path / name).is_file(), name
     generation = json.loads((tmp_path / "generation_config.json").read_text())
     assert generation["num_beams"] == 2
@@ -124,8 +132,13 @@ FRESH_PRELUDE = textwrap.dedent(
 
 
 def _run_fresh(script: str, cwd: Path) -> dict:
-    proc = subprocess.run([sys.executable, "-c", FRESH_PRELUDE + textwrap.dedent(script)], cwd=cwd,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", FRESH_PRELUDE + textwrap.dedent(script)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
