@@ -544,6 +544,18 @@ class CourseTransformerStack(nn.Module):
         if cross_attn_head_mask is not None and cross_attn_head_mask.dim() == 1:
             cross_attn_head_mask = cross_attn_head_mask.expand(num_layers, -1)
 
+        implementation = config._attn_implementation or "eager"
+        if implementation.startswith("flash") and (
+            config.position_encoding == "alibi"
+            or (attention_mask is not None and not bool(attention_mask.all()))
+            or (encoder_attention_mask is not None and not bool(encoder_attention_mask.all()))
+        ):
+            # The flash kernels take no additive bias: padded batches and ALiBi need sdpa, flex or eager.
+            raise ValueError(
+                f"attn_implementation={implementation!r} supports unpadded batches without ALiBi only; "
+                "use 'sdpa' for padded batches or position_encoding='alibi'"
+            )
+
         # ---- embeddings and masks
         hidden_states = self.embeddings(input_ids, position_ids, token_type_ids, inputs_embeds)  # (B, T, C)
         dtype = hidden_states.dtype
