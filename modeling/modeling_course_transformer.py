@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
@@ -623,18 +624,21 @@ class CourseTransformerPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
+        # transformers' `init` helpers skip tensors that were loaded from a checkpoint; raw in-place fills would not.
         super()._init_weights(module)
         # Deterministic buffers are recomputed here: `from_pretrained` recreates them as empty memory.
         if isinstance(module, CourseTransformerEmbeddings) and hasattr(module, "sinusoidal_table"):
-            module.sinusoidal_table.copy_(sinusoidal_table(*module.sinusoidal_table.shape))
+            init.copy_(module.sinusoidal_table, sinusoidal_table(*module.sinusoidal_table.shape))
         if isinstance(module, CourseTransformerStack):
             if hasattr(module, "rope_inv_freq"):
-                module.rope_inv_freq.copy_(rope_inverse_frequencies(self.config.head_dim, self.config.rope_theta))
+                init.copy_(
+                    module.rope_inv_freq, rope_inverse_frequencies(self.config.head_dim, self.config.rope_theta)
+                )
             if hasattr(module, "alibi_slopes"):
-                module.alibi_slopes.copy_(alibi_slopes(self.config.num_attention_heads))
+                init.copy_(module.alibi_slopes, alibi_slopes(self.config.num_attention_heads))
         if isinstance(module, nn.LayerNorm):
-            module.weight.fill_(1.0)
-            module.bias.zero_()
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
 
 
 def _word_embedding_key(config: CourseTransformerConfig) -> str:

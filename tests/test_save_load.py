@@ -40,6 +40,9 @@ def test_round_trip_is_bit_identical(tmp_path, arch, encoding):
     """The sinusoidal table, RoPE frequencies and ALiBi slopes are non-persistent buffers that from_pretrained
     recreates as empty memory; they must be recomputed, and the logits must match bit for bit."""
     model = tiny_model(arch, position_encoding=encoding, norm_placement="pre", attn_implementation="sdpa")
+    with torch.no_grad():  # move every parameter (LayerNorms and biases too) away from its initial value
+        for param in model.parameters():
+            param.add_(0.1 * torch.randn_like(param))
     ids = torch.randint(3, VOCAB, (2, 7), generator=torch.Generator().manual_seed(0))
     before = model(**model_inputs(model, ids)).logits
     model.save_pretrained(tmp_path)
