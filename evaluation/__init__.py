@@ -1,0 +1,1 @@
+"""Checks of the course Transformer against reference implementations (BERT, GPT-2)."""

@@ -1,0 +1,675 @@
+"""Conversion between Hugging Face BERT / GPT-2 and the course Transformer, in both directions.
+
+BERT and GPT-2 are two settings of the same config, so a conversion is a config translation plus a renaming of
+weights (nothing is re-initialised or approximated):
+
+=====================  =============================================  ==========================================
+field                  BERT (`BertModel`, `BertForMaskedLM`)            GPT-2 (`GPT2Model`, `GPT2LMHeadModel`)
+=====================  =============================================  ==========================================
+architecture           encoder                                        decoder
+norm_placement         post (LN(x + sublayer(x)))                     pre (x + sublayer(LN(x))) + final LN
+position_encoding      learned                                        learned
+embedding_layer_norm   True                                           False
+type_vocab_size        from the checkpoint (2)                        0
+hidden_act             "gelu" -> gelu (erf)                           "gelu_new" -> gelu_tanh
+weights                nn.Linear (out, in): copied                    Conv1D (in, out): transposed; fused
+                                                                      c_attn (C, 3C) split into q, k, v
+head                   transform (dense, act, LN) + lm_head, tied     lm_head without bias, tied
+=====================  =============================================  ==========================================
+
+Every rule below is a bijection on tensors (copies, transposes, slices and concatenations), so export followed by
+import gives bitwise-identical weights. A config the target cannot express raises `ValueError` naming the field,
+its value and what the target allows.
+
+    >>> from transformers import BertForMaskedLM
+    >>> from modeling.conversion import from_bert, to_bert
+    >>> ours = from_bert(BertForMaskedLM.from_pretrained(folder))   # CourseTransformerForMaskedLM
+    >>> native = to_bert(ours)                                       # BertForMaskedLM again
+
+Command line (writes to a temporary folder next to `--output`, then renames it into place):
+
+    python -m modeling.conversion --from-bert PATH --output DIR      # HF BERT folder -> course Transformer folder
+    python -m modeling.conversion --from-gpt2 PATH --output DIR
+    python -m modeling.conversion --to-bert PATH --output DIR        # course Transformer folder -> HF BERT folder
+    python -m modeling.conversion --to-gpt2 PATH --output DIR
+
+This module is imported by tools, never by the modeling code, so saved model folders do not depend on it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import (
+    BertConfig,
+    BertForMaskedLM,
+    BertModel,
+    GPT2Config,
+    GPT2LMHeadModel,
+    GPT2Model,
+    PreTrainedModel,
+)
+
+from .configuration_course_transformer import CourseTransformerConfig
+from .modeling_course_transformer import (
+    CourseTransformerForCausalLM,
+    CourseTransformerForMaskedLM,
+    CourseTransformerModel,
+)
+
+logger = logging.getLogger(__name__)
+
+# Hugging Face activation names -> ours. Only functions that are the same math are mapped: "gelu_new" and
+# "gelu_pytorch_tanh" are both the tanh approximation (they differ only by float rounding).
+IMPORT_ACTIVATIONS = {
+    "gelu": "gelu",
+    "gelu_python": "gelu",
+    "gelu_new": "gelu_tanh",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "relu": "relu",
+}
+# Ours -> Hugging Face: the names the original checkpoints use (BERT "gelu", GPT-2 "gelu_new").
+EXPORT_ACTIVATIONS = {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu"}
+
+
+def _refuse(target: str, field: str, value, allowed: str) -> None:
+    raise ValueError(f"cannot express {field}={value!r} in {target}: {allowed}")
+
+
+def _import_activation(source: str, field: str, name) -> str:
+    if name not in IMPORT_ACTIVATIONS:
+        raise ValueError(
+            f"{source}.{field}={name!r} has no equivalent in CourseTransformerConfig.hidden_act; "
+            f"supported: {', '.join(sorted(IMPORT_ACTIVATIONS))}"
+        )
+    return IMPORT_ACTIVATIONS[name]
+
+
+def _single_token_id(source: str, field: str, value) -> int | None:
+    if isinstance(value, (list, tuple)):
+        if len(value) != 1:
+            raise ValueError(f"{source}.{field}={value!r}: the course Transformer takes a single token id")
+        value = value[0]
+    return value
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Configs
+# --------------------------------------------------------------------------------------------------------------
+
+
+def bert_config_to_course(config: BertConfig, add_pooling_layer: bool = True) -> CourseTransformerConfig:
+    """The course config of a BERT checkpoint: a post-norm encoder with learned positions, token types,
+    an embedding LayerNorm and, for `BertModel`, the pooler."""
+    if getattr(config, "position_embedding_type", "absolute") not in (None, "absolute"):
+        _refuse("CourseTransformerConfig", "BertConfig.position_embedding_type", config.position_embedding_type,
+                "only 'absolute' (learned) positions convert")
+    if getattr(config, "is_decoder", False) or getattr(config, "add_cross_attention", False):
+        _refuse("CourseTransformerConfig", "BertConfig.is_decoder", True, "only the bidirectional encoder converts")
+    return CourseTransformerConfig(
+        architecture="encoder",
+        vocab_size=config.vocab_size,
+        hidden_size=config.hidden_size,
+        num_attention_heads=config.num_attention_heads,
+        num_encoder_layers=config.num_hidden_layers,
+        num_decoder_layers=0,
+        intermediate_size=config.intermediate_size,
+        hidden_act=_import_activation("BertConfig", "hidden_act", config.hidden_act),
+        hidden_dropout_prob=float(config.hidden_dropout_prob),
+        attention_dropout_prob=float(config.attention_probs_dropout_prob),
+        max_position_embeddings=config.max_position_embeddings,
+        position_encoding="learned",
+        norm_placement="post",
+        layer_norm_eps=config.layer_norm_eps,
+        embedding_layer_norm=True,
+        type_vocab_size=config.type_vocab_size,
+        use_bias=True,
+        scale_embeddings=False,
+        tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", True)),
+        add_pooling_layer=add_pooling_layer,
+        classifier_dropout=getattr(config, "classifier_dropout", None),
+        initializer_range=config.initializer_range,
+        use_cache=False,
+        pad_token_id=config.pad_token_id,
+        bos_token_id=_single_token_id("BertConfig", "bos_token_id", getattr(config, "bos_token_id", None)),
+        eos_token_id=_single_token_id("BertConfig", "eos_token_id", getattr(config, "eos_token_id", None)),
+    )
+
+
+def gpt2_config_to_course(config: GPT2Config) -> CourseTransformerConfig:
+    """The course config of a GPT-2 checkpoint: a pre-norm decoder with learned positions and a final LayerNorm."""
+    if not config.scale_attn_weights:
+        _refuse("CourseTransformerConfig", "GPT2Config.scale_attn_weights", False,
+                "the course attention always divides scores by sqrt(head_dim)")
+    if config.scale_attn_by_inverse_layer_idx:
+        _refuse("CourseTransformerConfig", "GPT2Config.scale_attn_by_inverse_layer_idx", True,
+                "the course attention uses the same 1/sqrt(head_dim) scale in every layer")
+    if config.add_cross_attention:
+        _refuse("CourseTransformerConfig", "GPT2Config.add_cross_attention", True,
+                "only the decoder-only GPT-2 converts")
+    # reorder_and_upcast_attn only changes the float order of the same math (it upcasts to fp32); it converts.
+    if config.embd_pdrop != config.resid_pdrop:
+        logger.warning("GPT2Config.embd_pdrop=%s differs from resid_pdrop=%s; the course Transformer uses one "
+                       "hidden_dropout_prob (resid_pdrop). Inference is unaffected.", config.embd_pdrop,
+                       config.resid_pdrop)
+    return CourseTransformerConfig(
+        architecture="decoder",
+        vocab_size=config.vocab_size,
+        hidden_size=config.n_embd,
+        num_attention_heads=config.n_head,
+        num_encoder_layers=0,
+        num_decoder_layers=config.n_layer,
+        intermediate_size=config.n_inner if config.n_inner is not None else 4 * config.n_embd,
+        hidden_act=_import_activation("GPT2Config", "activation_function", config.activation_function),
+        hidden_dropout_prob=float(config.resid_pdrop),
+        attention_dropout_prob=float(config.attn_pdrop),
+        max_position_embeddings=config.n_positions,
+        position_encoding="learned",
+        norm_placement="pre",
+        layer_norm_eps=config.layer_norm_epsilon,
+        embedding_layer_norm=False,
+        type_vocab_size=0,
+        use_bias=True,
+        scale_embeddings=False,
+        tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", True)),
+        add_pooling_layer=False,
+        initializer_range=config.initializer_range,
+        use_cache=bool(config.use_cache),
+        pad_token_id=_single_token_id("GPT2Config", "pad_token_id", config.pad_token_id),
+        bos_token_id=_single_token_id("GPT2Config", "bos_token_id", config.bos_token_id),
+        eos_token_id=_single_token_id("GPT2Config", "eos_token_id", config.eos_token_id),
+    )
+
+
+def _require(config: CourseTransformerConfig, target: str, required: dict[str, tuple]) -> None:
+    """Refuse, naming the first field whose value `target` cannot express."""
+    for field, allowed in required.items():
+        value = getattr(config, field)
+        if value not in allowed:
+            _refuse(target, field, value, f"{target} needs {field} in {allowed!r}")
+
+
+def _export_activation(config: CourseTransformerConfig, target: str) -> str:
+    if config.hidden_act not in EXPORT_ACTIVATIONS:
+        _refuse(target, "hidden_act", config.hidden_act, f"allowed: {', '.join(EXPORT_ACTIVATIONS)}")
+    return EXPORT_ACTIVATIONS[config.hidden_act]
+
+
+def course_config_to_bert(config: CourseTransformerConfig) -> BertConfig:
+    """The `BertConfig` of a BERT-shaped course config; `ValueError` for any field BERT cannot express."""
+    target = "BERT"
+    _require(config, target, {
+        "architecture": ("encoder",),
+        "norm_placement": ("post",),
+        "position_encoding": ("learned",),
+        "embedding_layer_norm": (True,),
+        "use_bias": (True,),
+        "scale_embeddings": (False,),
+    })
+    if config.type_vocab_size < 1:
+        _refuse(target, "type_vocab_size", config.type_vocab_size, "BERT always adds token-type embeddings (>= 1)")
+    return BertConfig(
+        vocab_size=config.vocab_size,
+        hidden_size=config.hidden_size,
+        num_hidden_layers=config.num_encoder_layers,
+        num_attention_heads=config.num_attention_heads,
+        intermediate_size=config.intermediate_size,
+        hidden_act=_export_activation(config, target),
+        hidden_dropout_prob=config.hidden_dropout_prob,
+        attention_probs_dropout_prob=config.attention_dropout_prob,
+        max_position_embeddings=config.max_position_embeddings,
+        type_vocab_size=config.type_vocab_size,
+        initializer_range=config.initializer_range,
+        layer_norm_eps=config.layer_norm_eps,
+        pad_token_id=config.pad_token_id,
+        bos_token_id=config.bos_token_id,
+        eos_token_id=config.eos_token_id,
+        classifier_dropout=config.classifier_dropout,
+        tie_word_embeddings=config.tie_word_embeddings,
+    )
+
+
+def course_config_to_gpt2(config: CourseTransformerConfig) -> GPT2Config:
+    """The `GPT2Config` of a GPT-2-shaped course config; `ValueError` for any field GPT-2 cannot express."""
+    target = "GPT-2"
+    _require(config, target, {
+        "architecture": ("decoder",),
+        "norm_placement": ("pre",),
+        "position_encoding": ("learned",),
+        "embedding_layer_norm": (False,),
+        "type_vocab_size": (0,),
+        "use_bias": (True,),
+        "scale_embeddings": (False,),
+    })
+    return GPT2Config(
+        vocab_size=config.vocab_size,
+        n_positions=config.max_position_embeddings,
+        n_embd=config.hidden_size,
+        n_layer=config.num_decoder_layers,
+        n_head=config.num_attention_heads,
+        n_inner=config.intermediate_size,
+        activation_function=_export_activation(config, target),
+        resid_pdrop=config.hidden_dropout_prob,
+        embd_pdrop=config.hidden_dropout_prob,
+        attn_pdrop=config.attention_dropout_prob,
+        layer_norm_epsilon=config.layer_norm_eps,
+        initializer_range=config.initializer_range,
+        use_cache=config.use_cache,
+        bos_token_id=config.bos_token_id,
+        eos_token_id=config.eos_token_id,
+        pad_token_id=config.pad_token_id,
+        tie_word_embeddings=config.tie_word_embeddings,
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Weight rules: (their names, our names, theirs -> ours, ours -> theirs); each pair of functions is a bijection
+# --------------------------------------------------------------------------------------------------------------
+
+Tensors = list[torch.Tensor]
+
+
+def _same(tensors: Tensors) -> Tensors:
+    return [tensors[0]]
+
+
+def _transpose(tensors: Tensors) -> Tensors:
+    # Conv1D stores (in, out) and computes x @ W; nn.Linear stores (out, in) and computes x @ W^T.
+    return [tensors[0].t().contiguous()]
+
+
+def _split_qkv_weight(tensors: Tensors) -> Tensors:
+    # c_attn: (C, 3C) with output columns [q | k | v] -> three (C, C) Linear weights.
+    return [part.t().contiguous() for part in tensors[0].chunk(3, dim=1)]
+
+
+def _fuse_qkv_weight(tensors: Tensors) -> Tensors:
+    return [torch.cat([w.t() for w in tensors], dim=1).contiguous()]  # 3 x (C, C) -> (C, 3C)
+
+
+def _split_qkv_bias(tensors: Tensors) -> Tensors:
+    return [part.contiguous() for part in tensors[0].chunk(3, dim=0)]  # (3C,) -> 3 x (C,)
+
+
+def _fuse_qkv_bias(tensors: Tensors) -> Tensors:
+    return [torch.cat(tensors, dim=0)]
+
+
+@dataclass(frozen=True)
+class Rule:
+    theirs: tuple[str, ...]
+    ours: tuple[str, ...]
+    to_ours: Callable[[Tensors], Tensors] = _same
+    to_theirs: Callable[[Tensors], Tensors] = _same
+
+
+def _pairs(theirs: str, ours: str, suffixes=("weight", "bias"), to_ours=_same, to_theirs=_same) -> list[Rule]:
+    return [Rule((f"{theirs}.{s}",), (f"{ours}.{s}",), to_ours, to_theirs) for s in suffixes]
+
+
+def bert_rules(config: CourseTransformerConfig, pooler: bool, mlm_head: bool) -> list[Rule]:
+    """Names relative to `BertModel` / our `CourseTransformerModel`; the MLM head relative to the head models."""
+    rules = [
+        *_pairs("embeddings.word_embeddings", "encoder.embeddings.word_embeddings", ("weight",)),
+        *_pairs("embeddings.position_embeddings", "encoder.embeddings.position_embeddings", ("weight",)),
+        *_pairs("embeddings.token_type_embeddings", "encoder.embeddings.token_type_embeddings", ("weight",)),
+        *_pairs("embeddings.LayerNorm", "encoder.embeddings.layer_norm"),
+    ]
+    for i in range(config.num_encoder_layers):
+        theirs, ours = f"encoder.layer.{i}", f"encoder.layers.{i}"
+        rules += [
+            *_pairs(f"{theirs}.attention.self.query", f"{ours}.self_attn.q_proj"),
+            *_pairs(f"{theirs}.attention.self.key", f"{ours}.self_attn.k_proj"),
+            *_pairs(f"{theirs}.attention.self.value", f"{ours}.self_attn.v_proj"),
+            *_pairs(f"{theirs}.attention.output.dense", f"{ours}.self_attn.o_proj"),
+            *_pairs(f"{theirs}.attention.output.LayerNorm", f"{ours}.self_attn_norm"),
+            *_pairs(f"{theirs}.intermediate.dense", f"{ours}.ffn.up_proj"),
+            *_pairs(f"{theirs}.output.dense", f"{ours}.ffn.down_proj"),
+            *_pairs(f"{theirs}.output.LayerNorm", f"{ours}.ffn_norm"),
+        ]
+    if pooler:
+        rules += _pairs("pooler.dense", "pooler.dense")
+    if mlm_head:
+        head = [
+            *_pairs("cls.predictions.transform.dense", "transform.dense"),
+            *_pairs("cls.predictions.transform.LayerNorm", "transform.layer_norm"),
+            # BERT keeps the output bias twice (`decoder.bias`, used in forward, and `bias`, tied to it on load).
+            Rule(("cls.predictions.decoder.bias", "cls.predictions.bias"), ("lm_head.bias",),
+                 _same, lambda tensors: [tensors[0], tensors[0]]),
+        ]
+        if not config.tie_word_embeddings:
+            head += _pairs("cls.predictions.decoder", "lm_head", ("weight",))
+        rules = [Rule(tuple(f"bert.{n}" for n in r.theirs), tuple(f"model.{n}" for n in r.ours),
+                      r.to_ours, r.to_theirs) for r in rules]
+        rules += head
+    return rules
+
+
+def gpt2_rules(config: CourseTransformerConfig, lm_head: bool) -> list[Rule]:
+    """Names relative to `GPT2Model` / our `CourseTransformerModel`, prefixed for the LM head models."""
+    rules = [
+        *_pairs("wte", "decoder.embeddings.word_embeddings", ("weight",)),
+        *_pairs("wpe", "decoder.embeddings.position_embeddings", ("weight",)),
+    ]
+    for i in range(config.num_decoder_layers):
+        theirs, ours = f"h.{i}", f"decoder.layers.{i}"
+        attn = f"{ours}.self_attn"
+        rules += [
+            *_pairs(f"{theirs}.ln_1", f"{ours}.self_attn_norm"),
+            Rule((f"{theirs}.attn.c_attn.weight",),
+                 (f"{attn}.q_proj.weight", f"{attn}.k_proj.weight", f"{attn}.v_proj.weight"),
+                 _split_qkv_weight, _fuse_qkv_weight),
+            Rule((f"{theirs}.attn.c_attn.bias",),
+                 (f"{attn}.q_proj.bias", f"{attn}.k_proj.bias", f"{attn}.v_proj.bias"),
+                 _split_qkv_bias, _fuse_qkv_bias),
+            *_pairs(f"{theirs}.attn.c_proj", f"{attn}.o_proj", ("weight",), _transpose, _transpose),
+            *_pairs(f"{theirs}.attn.c_proj", f"{attn}.o_proj", ("bias",)),
+            *_pairs(f"{theirs}.ln_2", f"{ours}.ffn_norm"),
+            *_pairs(f"{theirs}.mlp.c_fc", f"{ours}.ffn.up_proj", ("weight",), _transpose, _transpose),
+            *_pairs(f"{theirs}.mlp.c_fc", f"{ours}.ffn.up_proj", ("bias",)),
+            *_pairs(f"{theirs}.mlp.c_proj", f"{ours}.ffn.down_proj", ("weight",), _transpose, _transpose),
+            *_pairs(f"{theirs}.mlp.c_proj", f"{ours}.ffn.down_proj", ("bias",)),
+        ]
+    rules += _pairs("ln_f", "decoder.final_norm")
+    if lm_head:
+        rules = [Rule(tuple(f"transformer.{n}" for n in r.theirs), tuple(f"model.{n}" for n in r.ours),
+                      r.to_ours, r.to_theirs) for r in rules]
+        if not config.tie_word_embeddings:
+            rules += _pairs("lm_head", "lm_head", ("weight",))
+    return rules
+
+
+def _tied_aliases(model: nn.Module) -> dict[str, str]:
+    """{name: first name} for every parameter that is the same tensor as an earlier one (tied weights)."""
+    first: dict[int, str] = {}
+    aliases = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in first:
+            aliases[name] = first[id(param)]
+        else:
+            first[id(param)] = name
+    return aliases
+
+
+@torch.no_grad()
+def _transfer(source: nn.Module, target: nn.Module, rules: list[Rule], to_target: Callable[[Rule], tuple]) -> None:
+    """Copy every parameter of `target` from `source` through `rules`; fail on anything left unmapped."""
+    source_params = dict(source.named_parameters(remove_duplicate=False))
+    target_params = dict(target.named_parameters(remove_duplicate=False))
+    written: set[str] = set()
+    for rule in rules:
+        source_names, target_names, fn = to_target(rule)
+        missing = [n for n in source_names if n not in source_params]
+        if missing:
+            raise KeyError(f"source model has no parameter {missing[0]!r} (rule {rule.theirs} <-> {rule.ours})")
+        values = fn([source_params[n].detach() for n in source_names])
+        for name, value in zip(target_names, values, strict=True):
+            if name not in target_params:
+                raise KeyError(f"target model has no parameter {name!r}")
+            param = target_params[name]
+            if param.shape != value.shape:
+                raise ValueError(f"{name}: shape {tuple(value.shape)} from the source, {tuple(param.shape)} expected")
+            param.copy_(value)
+            written.add(name)
+    aliases = _tied_aliases(target)
+    unset = [n for n in target_params if n not in written and aliases.get(n) not in written]
+    if unset:
+        raise KeyError(f"no conversion rule sets these parameters of {type(target).__name__}: {unset}")
+
+
+def _new_model(cls: type[PreTrainedModel], config, like: nn.Module, attn_implementation: str | None,
+               **kwargs) -> PreTrainedModel:
+    if attn_implementation is not None:
+        config._attn_implementation = attn_implementation
+    model = cls(config, **kwargs)
+    dtype = next(like.parameters()).dtype
+    return model.to(dtype=dtype, device=next(like.parameters()).device).train(like.training)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Hugging Face -> course Transformer
+# --------------------------------------------------------------------------------------------------------------
+
+
+def from_bert(model: BertModel | BertForMaskedLM, attn_implementation: str | None = "eager"
+              ) -> CourseTransformerModel | CourseTransformerForMaskedLM:
+    """Convert `BertModel` (-> `CourseTransformerModel` with the pooler when it has one) or `BertForMaskedLM`
+    (-> `CourseTransformerForMaskedLM`). Weights are copied exactly; dtype, device and train/eval mode follow."""
+    if isinstance(model, BertForMaskedLM):
+        config = bert_config_to_course(model.config, add_pooling_layer=False)
+        ours = _new_model(CourseTransformerForMaskedLM, config, model, attn_implementation)
+        rules = bert_rules(config, pooler=False, mlm_head=True)
+    elif isinstance(model, BertModel):
+        config = bert_config_to_course(model.config, add_pooling_layer=model.pooler is not None)
+        ours = _new_model(CourseTransformerModel, config, model, attn_implementation)
+        rules = bert_rules(config, pooler=model.pooler is not None, mlm_head=False)
+    else:
+        raise TypeError(f"from_bert takes BertModel or BertForMaskedLM, got {type(model).__name__}")
+    _transfer(model, ours, rules, lambda r: (r.theirs, r.ours, r.to_ours))
+    return ours
+
+
+def from_gpt2(model: GPT2Model | GPT2LMHeadModel, attn_implementation: str | None = "eager"
+              ) -> CourseTransformerModel | CourseTransformerForCausalLM:
+    """Convert `GPT2Model` (-> `CourseTransformerModel`) or `GPT2LMHeadModel` (-> `CourseTransformerForCausalLM`)."""
+    if isinstance(model, GPT2LMHeadModel):
+        config = gpt2_config_to_course(model.config)
+        ours = _new_model(CourseTransformerForCausalLM, config, model, attn_implementation)
+        rules = gpt2_rules(config, lm_head=True)
+    elif isinstance(model, GPT2Model):
+        config = gpt2_config_to_course(model.config)
+        ours = _new_model(CourseTransformerModel, config, model, attn_implementation)
+        rules = gpt2_rules(config, lm_head=False)
+    else:
+        raise TypeError(f"from_gpt2 takes GPT2Model or GPT2LMHeadModel, got {type(model).__name__}")
+    _transfer(model, ours, rules, lambda r: (r.theirs, r.ours, r.to_ours))
+    return ours
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Course Transformer -> Hugging Face
+# --------------------------------------------------------------------------------------------------------------
+
+
+def to_bert(model: CourseTransformerModel | CourseTransformerForMaskedLM, attn_implementation: str | None = "eager"
+            ) -> BertModel | BertForMaskedLM:
+    """Export a BERT-shaped model: `CourseTransformerForMaskedLM` -> `BertForMaskedLM`, the bare
+    `CourseTransformerModel` -> `BertModel` (with the pooler iff ours has one)."""
+    config = model.config
+    bert_config = course_config_to_bert(config)
+    if isinstance(model, CourseTransformerForMaskedLM):
+        if model.model.pooler is not None:
+            _refuse("BertForMaskedLM", "add_pooling_layer", True,
+                    "BertForMaskedLM has no pooler; export the bare CourseTransformerModel to BertModel instead")
+        native = _new_model(BertForMaskedLM, bert_config, model, attn_implementation)
+        rules = bert_rules(config, pooler=False, mlm_head=True)
+    elif isinstance(model, CourseTransformerModel):
+        native = _new_model(BertModel, bert_config, model, attn_implementation,
+                            add_pooling_layer=model.pooler is not None)
+        rules = bert_rules(config, pooler=model.pooler is not None, mlm_head=False)
+    else:
+        raise TypeError(f"to_bert takes CourseTransformerModel or CourseTransformerForMaskedLM, "
+                        f"got {type(model).__name__}")
+    _transfer(model, native, rules, lambda r: (r.ours, r.theirs, r.to_theirs))
+    return native
+
+
+def to_gpt2(model: CourseTransformerModel | CourseTransformerForCausalLM, attn_implementation: str | None = "eager"
+            ) -> GPT2Model | GPT2LMHeadModel:
+    """Export a GPT-2-shaped model: `CourseTransformerForCausalLM` -> `GPT2LMHeadModel`, the bare model ->
+    `GPT2Model`."""
+    config = model.config
+    gpt2_config = course_config_to_gpt2(config)
+    if isinstance(model, CourseTransformerForCausalLM):
+        native = _new_model(GPT2LMHeadModel, gpt2_config, model, attn_implementation)
+        rules = gpt2_rules(config, lm_head=True)
+    elif isinstance(model, CourseTransformerModel):
+        native = _new_model(GPT2Model, gpt2_config, model, attn_implementation)
+        rules = gpt2_rules(config, lm_head=False)
+    else:
+        raise TypeError(f"to_gpt2 takes CourseTransformerModel or CourseTransformerForCausalLM, "
+                        f"got {type(model).__name__}")
+    _transfer(model, native, rules, lambda r: (r.ours, r.theirs, r.to_theirs))
+    return native
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Folders
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _architecture(path: Path) -> tuple[str | None, list[str]]:
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{path} has no config.json: not a saved model folder")
+    data = json.loads(config_file.read_text())
+    return data.get("model_type"), list(data.get("architectures") or [])
+
+
+def load_bert(path: str | Path, attn_implementation: str = "eager", **kwargs) -> BertModel | BertForMaskedLM:
+    """Load a BERT folder as `BertForMaskedLM` when it was saved with the MLM head, else as `BertModel` (with the
+    pooler only when the checkpoint has its weights)."""
+    model_type, architectures = _architecture(Path(path))
+    if model_type != "bert":
+        raise ValueError(f"{path}: model_type={model_type!r}, expected 'bert'")
+    if any(a in ("BertForMaskedLM", "BertForPreTraining") for a in architectures):
+        model, info = BertForMaskedLM.from_pretrained(path, attn_implementation=attn_implementation,
+                                                      output_loading_info=True, **kwargs)
+    else:
+        model, info = BertModel.from_pretrained(path, attn_implementation=attn_implementation,
+                                                output_loading_info=True, **kwargs)
+        if any(k.startswith("pooler.") for k in info["missing_keys"]):
+            model, info = BertModel.from_pretrained(path, attn_implementation=attn_implementation,
+                                                    add_pooling_layer=False, output_loading_info=True, **kwargs)
+    if info["missing_keys"]:
+        raise ValueError(f"{path}: the checkpoint lacks weights {sorted(info['missing_keys'])[:5]}")
+    return model.eval()
+
+
+def load_gpt2(path: str | Path, attn_implementation: str = "eager", **kwargs) -> GPT2Model | GPT2LMHeadModel:
+    """Load a GPT-2 folder as `GPT2LMHeadModel` (GPT-2 folders without a head load as `GPT2Model`)."""
+    model_type, architectures = _architecture(Path(path))
+    if model_type != "gpt2":
+        raise ValueError(f"{path}: model_type={model_type!r}, expected 'gpt2'")
+    cls = GPT2Model if architectures == ["GPT2Model"] else GPT2LMHeadModel
+    model, info = cls.from_pretrained(path, attn_implementation=attn_implementation, output_loading_info=True,
+                                      **kwargs)
+    if info["missing_keys"]:
+        raise ValueError(f"{path}: the checkpoint lacks weights {sorted(info['missing_keys'])[:5]}")
+    return model.eval()
+
+
+def load_course(path: str | Path, attn_implementation: str = "eager", **kwargs) -> PreTrainedModel:
+    """Load a course Transformer folder with the class named in its config (`architectures`)."""
+    import modeling
+
+    model_type, architectures = _architecture(Path(path))
+    if model_type != CourseTransformerConfig.model_type:
+        raise ValueError(f"{path}: model_type={model_type!r}, expected {CourseTransformerConfig.model_type!r}")
+    name = architectures[0] if architectures else "CourseTransformerModel"
+    cls = getattr(modeling, name, None)
+    if cls is None:
+        raise ValueError(f"{path}: unknown architecture {name!r}")
+    return cls.from_pretrained(path, attn_implementation=attn_implementation, **kwargs).eval()
+
+
+def atomic_write_dir(output: str | Path, write: Callable[[Path], None], overwrite: bool = False) -> Path:
+    """Run `write(tmp)` on a temporary folder beside `output`, then rename it to `output`: readers see either the
+    old folder or the complete new one, never a half-written one."""
+    output = Path(output)
+    if output.exists() and not overwrite:
+        raise FileExistsError(f"{output} exists; pass overwrite=True (--overwrite) to replace it")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.tmp-"))
+    try:
+        write(tmp)
+        if output.exists():
+            old = output.with_name(f".{output.name}.old-{os.getpid()}")
+            os.replace(output, old)
+            os.replace(tmp, output)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return output
+
+
+def save_converted(model: PreTrainedModel, output: str | Path, tokenizer_source: str | Path | None = None,
+                   overwrite: bool = False) -> Path:
+    """`save_pretrained` into `output` atomically, with the tokenizer of `tokenizer_source` when it has one."""
+
+    def write(folder: Path) -> None:
+        model.save_pretrained(folder)
+        if tokenizer_source is not None:
+            try:
+                from transformers import AutoTokenizer
+
+                AutoTokenizer.from_pretrained(tokenizer_source).save_pretrained(folder)
+            except (OSError, ValueError, TypeError) as error:
+                logger.warning("no tokenizer copied from %s: %s", tokenizer_source, error)
+
+    return atomic_write_dir(output, write, overwrite=overwrite)
+
+
+@torch.no_grad()
+def max_output_difference(a: nn.Module, b: nn.Module, seed: int = 0, length: int = 12) -> float:
+    """Max |a - b| over the main output (logits, else last hidden state) of a random padded batch."""
+    config = a.config
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, config.vocab_size, (2, length), generator=generator)
+    mask = torch.ones_like(ids)
+    mask[1, length // 2:] = 0  # right padding in the second row
+
+    def main_output(model):
+        out = model(input_ids=ids, attention_mask=mask)
+        return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
+
+    return (main_output(a).float() - main_output(b).float()).abs().max().item()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m modeling.conversion",
+                                     description="Convert between Hugging Face BERT/GPT-2 and the course Transformer.")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--from-bert", metavar="PATH", help="Hugging Face BERT folder -> course Transformer")
+    source.add_argument("--from-gpt2", metavar="PATH", help="Hugging Face GPT-2 folder -> course Transformer")
+    source.add_argument("--to-bert", metavar="PATH", help="course Transformer folder -> Hugging Face BERT")
+    source.add_argument("--to-gpt2", metavar="PATH", help="course Transformer folder -> Hugging Face GPT-2")
+    parser.add_argument("--output", required=True, type=Path, help="folder to write (atomically)")
+    parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+    args = parser.parse_args(argv)
+
+    try:
+        if args.from_bert or args.from_gpt2:
+            path = args.from_bert or args.from_gpt2
+            source_model = load_bert(path) if args.from_bert else load_gpt2(path)
+            converted = from_bert(source_model) if args.from_bert else from_gpt2(source_model)
+        else:
+            path = args.to_bert or args.to_gpt2
+            source_model = load_course(path)
+            converted = to_bert(source_model) if args.to_bert else to_gpt2(source_model)
+        difference = max_output_difference(source_model, converted)
+        save_converted(converted, args.output, tokenizer_source=path, overwrite=args.overwrite)
+    except (ValueError, TypeError, KeyError, FileNotFoundError, FileExistsError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"{type(source_model).__name__} ({path}) -> {type(converted).__name__} ({args.output}); "
+          f"max |output difference| on a random padded batch: {difference:.3g}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
