@@ -1,0 +1,640 @@
+"""Publish a trained course Transformer to the Hugging Face Hub: build, validate in a fresh process, upload.
+
+    python -m modeling.publish outputs/tiny-decoder --repo-id user/tiny-decoder --dry-run
+    python -m modeling.publish outputs/tiny-decoder --repo-id user/tiny-decoder --results outputs/eval.json
+
+1. **Build** the repository folder from a folder written by `save_pretrained` (plus the tokenizer): the
+   safetensors weights (checked by `modeling.checkpoint`: never a pickle, complete, keys and shapes matching
+   the config), `config.json` with `auto_map`, the model code, the tokenizer, `generation_config.json` and a
+   model card (`README.md`, YAML metadata from `huggingface_hub.ModelCardData`). Everything is written into a
+   temporary folder beside `--output`, which replaces `--output` by one rename only after validation passed:
+   a failure leaves no half-written folder.
+2. **Validate**: a fresh Python process in which this package cannot be imported loads the folder with
+   `trust_remote_code=True` through the Auto class of its head, checks no weight was missing, runs one forward
+   pass (finite outputs) and the folder's pipeline on a sample input. A folder that only loads because the
+   package is installed here would fail on the Hub; this catches it.
+3. **Upload** (not with `--dry-run`): `HfApi.create_repo(exist_ok=True)` then `HfApi.upload_folder`, with the
+   token from `HF_TOKEN` or `hf auth login`. Nothing is reported as uploaded unless the Hub answered.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .checkpoint import CheckpointError, read_config, validate_checkpoint_folder, weight_files
+
+logger = logging.getLogger(__name__)
+
+CODE_FILES = (
+    "configuration_course_transformer.py",
+    "modeling_course_transformer.py",
+    "pipeline_course_transformer.py",
+)
+# head class -> (pipeline tag, Auto class that loads it)
+TASKS = {
+    "CourseTransformerForCausalLM": ("text-generation", "AutoModelForCausalLM"),
+    "CourseTransformerForMaskedLM": ("fill-mask", "AutoModelForMaskedLM"),
+    "CourseTransformerForSeq2SeqLM": ("text2text-generation", "AutoModelForSeq2SeqLM"),
+    "CourseTransformerForSequenceClassification": ("text-classification", "AutoModelForSequenceClassification"),
+    "CourseTransformerForTokenClassification": ("token-classification", "AutoModelForTokenClassification"),
+    "CourseTransformerModel": ("feature-extraction", "AutoModel"),
+}
+# Auto classes a checkpoint of each architecture can be loaded with (heads share the base through its prefix).
+AUTO_CLASSES_FOR_ARCHITECTURE = {
+    "decoder": ("AutoModel", "AutoModelForCausalLM", "AutoModelForSequenceClassification"),
+    "encoder": (
+        "AutoModel",
+        "AutoModelForMaskedLM",
+        "AutoModelForSequenceClassification",
+        "AutoModelForTokenClassification",
+    ),
+    "encoder-decoder": ("AutoModel", "AutoModelForSeq2SeqLM"),
+}
+BLOCKED_PACKAGES = ("modeling", "evaluation", "scripts")
+REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+LICENSE = re.compile(r"^[a-z0-9][a-z0-9.+-]*$")
+DEFAULT_SAMPLE = "the"
+
+
+class PublishError(RuntimeError):
+    """A folder that cannot be published as it is; the message says what is wrong and where."""
+
+    def __init__(self, message: str, details: str = ""):
+        super().__init__(message)
+        self.details = details
+
+
+@dataclass
+class BuildResult:
+    folder: Path
+    repo_id: str
+    pipeline_tag: str
+    files: dict[str, int]  # relative path -> size in bytes
+    validation: dict[str, Any] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Inputs: repo id, harness results
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def check_repo_id(repo_id: str) -> str:
+    if not isinstance(repo_id, str) or not REPO_ID.match(repo_id) or ".." in repo_id or "--" in repo_id:
+        raise PublishError(f"--repo-id {repo_id!r} is not a Hub repository id of the form 'user/name'")
+    return repo_id
+
+
+def read_results(path: str | Path, default_dataset: str | None = None) -> list[dict[str, Any]]:
+    """Metrics from a harness report JSON, as rows {metric, value, dataset, split, config}.
+
+    Accepted shapes: `{"results": [{"metric": "perplexity", "value": 12.3, "dataset": "...", "split": "test"}]}`,
+    `{"metrics": {"perplexity": 12.3}, "dataset": "..." | {"name": ..., "split": ...}}`, or a flat
+    `{"perplexity": 12.3, ...}`. Non-numeric entries of the flat form are skipped; no metric at all is an error.
+    """
+    path = Path(path)
+    try:
+        report = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise PublishError(f"--results {path}: no such file") from None
+    except json.JSONDecodeError as error:
+        raise PublishError(f"--results {path}: invalid JSON ({error})") from None
+    if not isinstance(report, dict):
+        raise PublishError(f"--results {path}: expected a JSON object, got {type(report).__name__}")
+
+    def dataset_fields(value: Any) -> dict[str, Any]:
+        if isinstance(value, dict):
+            return {
+                "dataset": value.get("name") or value.get("type"),
+                **{k: value.get(k) for k in ("split", "config")},
+            }
+        return {"dataset": value}
+
+    def number(name: str, value: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+            raise PublishError(f"--results {path}: metric {name!r} has value {value!r}, expected a finite number")
+        return value
+
+    rows = []
+    top_dataset = dataset_fields(report.get("dataset"))
+    if "results" in report:
+        if not isinstance(report["results"], list):
+            raise PublishError(f"--results {path}: 'results' must be a list of {{metric, value}} objects")
+        for i, entry in enumerate(report["results"]):
+            if not isinstance(entry, dict) or "metric" not in entry or "value" not in entry:
+                raise PublishError(f"--results {path}: results[{i}] needs 'metric' and 'value', got {entry!r}")
+            ds = {**top_dataset, **{k: v for k, v in dataset_fields(entry.get("dataset")).items() if v}}
+            rows.append(
+                {"metric": str(entry["metric"]), "value": number(entry["metric"], entry["value"]), **ds}
+                | {k: entry[k] for k in ("split", "config") if entry.get(k)}
+            )
+    elif "metrics" in report:
+        if not isinstance(report["metrics"], dict):
+            raise PublishError(f"--results {path}: 'metrics' must be an object of metric name -> number")
+        rows = [{"metric": k, "value": number(k, v), **top_dataset} for k, v in report["metrics"].items()]
+    else:
+        rows = [
+            {"metric": k, "value": v, **top_dataset}
+            for k, v in report.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v
+        ]
+    if not rows:
+        raise PublishError(f"--results {path}: no numeric metric found")
+    for row in rows:
+        row["dataset"] = row.get("dataset") or default_dataset or "custom"
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model card
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def usage_snippet(repo_id: str, pipeline_tag: str, auto_class: str) -> str:
+    call = {
+        "text-generation": 'pipe("The cat", do_sample=False, max_new_tokens=20)[0]["generated_text"]',
+        "fill-mask": 'pipe(f"The cat sat on the {pipe.tokenizer.mask_token}.")',
+        "text2text-generation": 'pipe("The cat sat on the mat.", max_new_tokens=40)[0]["generated_text"]',
+    }.get(pipeline_tag, 'pipe("The cat sat on the mat.")')
+    return textwrap.dedent(
+        f"""\
+        ```python
+        from transformers import {auto_class}, AutoTokenizer, pipeline
+
+        # the model code ships in this repository: trust_remote_code=True runs it
+        pipe = pipeline("{pipeline_tag}", model="{repo_id}", trust_remote_code=True)
+        print({call})
+
+        model = {auto_class}.from_pretrained("{repo_id}", trust_remote_code=True)
+        tokenizer = AutoTokenizer.from_pretrained("{repo_id}", trust_remote_code=True)
+        # every attention weight is returned, under every backend
+        out = model(**tokenizer("The cat sat", return_tensors="pt"), output_attentions=True)
+        ```
+        """
+    )
+
+
+def build_model_card(
+    config,
+    model_class: str,
+    num_parameters: int,
+    repo_id: str,
+    license: str,
+    datasets: list[str],
+    tags: list[str],
+    results: list[dict[str, Any]],
+):
+    """A `huggingface_hub.ModelCard` with YAML metadata (license, library, pipeline tag, tags, results)."""
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+    pipeline_tag, auto_class = TASKS[model_class]
+    name = repo_id.split("/")[-1]
+    eval_results = [
+        EvalResult(
+            task_type=pipeline_tag,
+            dataset_type=row["dataset"],
+            dataset_name=row["dataset"],
+            dataset_split=row.get("split"),
+            dataset_config=row.get("config"),
+            metric_type=row["metric"],
+            metric_value=row["value"],
+        )
+        for row in results
+    ]
+    all_tags = ["course-transformer", "custom_code", config.architecture, f"{config.position_encoding}-positions"]
+    card_data = ModelCardData(
+        license=license,
+        library_name="transformers",
+        pipeline_tag=pipeline_tag,
+        tags=list(dict.fromkeys(all_tags + list(tags))),
+        datasets=list(datasets) or None,
+        model_name=name,
+        eval_results=eval_results or None,
+    )
+    layers = {
+        "encoder": f"{config.num_encoder_layers} encoder layers",
+        "decoder": f"{config.num_decoder_layers} decoder layers",
+        "encoder-decoder": f"{config.num_encoder_layers} encoder + {config.num_decoder_layers} decoder layers",
+    }[config.architecture]
+    results_table = ""
+    if results:
+        lines = ["| dataset | split | metric | value |", "|---|---|---|---|"]
+        lines += [f"| {r['dataset']} | {r.get('split') or ''} | {r['metric']} | {r['value']:.6g} |" for r in results]
+        results_table = "## Evaluation\n\n" + "\n".join(lines) + "\n"
+    body = textwrap.dedent(
+        """\
+        # {name}
+
+        A course Transformer ({architecture}, `{model_class}`): the classic Transformer of "Attention Is All
+        You Need" (Vaswani et al. 2017) as a Hugging Face model whose every attention weight can be inspected.
+        {layers}, d_model {hidden}, {heads} heads, d_ff {ff}, {positions} positions, {norm}-norm,
+        {params:,} parameters, vocabulary of {vocab} tokens.
+
+        ## Usage
+
+        {usage}
+        {results}
+        ## Files
+
+        - `model.safetensors`: the weights (safetensors, no pickle)
+        - `config.json`: the architecture, with `auto_map` pointing at the code below
+        - `{code}`: the model code, run by `trust_remote_code=True`
+        - the tokenizer files and `generation_config.json`
+
+        Before upload this folder was loaded, and its pipeline run, in a fresh Python process in which the
+        course-transformer package could not be imported.
+        """
+    ).format(
+        name=name,
+        architecture=config.architecture,
+        model_class=model_class,
+        layers=layers,
+        hidden=config.hidden_size,
+        heads=config.num_attention_heads,
+        ff=config.intermediate_size,
+        positions=config.position_encoding,
+        norm=config.norm_placement,
+        params=num_parameters,
+        vocab=config.vocab_size,
+        usage=usage_snippet(repo_id, pipeline_tag, auto_class),
+        results=results_table,
+        code="`, `".join(CODE_FILES),
+    )
+    return ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n{body}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Build
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _write_config(source: Path, target: Path, architecture: str) -> None:
+    """Copy config.json, adding the `auto_map` entries (and the seq2seq pipeline) that remote code needs."""
+    fields = json.loads((source / "config.json").read_text())
+    auto_map = dict(fields.get("auto_map") or {})
+    auto_map.setdefault("AutoConfig", "configuration_course_transformer.CourseTransformerConfig")
+    import modeling
+
+    classes = {auto.__name__: cls.__name__ for auto, cls in modeling.AUTO_CLASSES.items()}
+    for auto_name in AUTO_CLASSES_FOR_ARCHITECTURE[architecture]:
+        auto_map.setdefault(auto_name, f"modeling_course_transformer.{classes[auto_name]}")
+    fields["auto_map"] = auto_map
+    if architecture == "encoder-decoder" and not fields.get("custom_pipelines"):
+        fields["custom_pipelines"] = modeling.CourseTransformerConfig(architecture="encoder-decoder").custom_pipelines
+    (target / "config.json").write_text(json.dumps(fields, indent=2, sort_keys=True) + "\n")
+
+
+def _copy_code(source: Path, target: Path) -> str:
+    """The model code saved with the weights when it is all there, else the installed package's."""
+    if all((source / name).is_file() for name in CODE_FILES):
+        origin = source
+    else:
+        origin = Path(__file__).resolve().parent
+        logger.warning("%s lacks the model code; copying it from the installed package (%s)", source, origin)
+    for name in CODE_FILES:
+        shutil.copy2(origin / name, target / name)
+    return str(origin)
+
+
+def _write_tokenizer(tokenizer_source: Path, target: Path, vocab_size: int) -> None:
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
+    except Exception as error:  # transformers raises OSError, ValueError or JSON errors for broken tokenizers
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise PublishError(
+            f"{tokenizer_source}: no loadable tokenizer ({type(error).__name__}: {first}); "
+            "save one there with tokenizer.save_pretrained(folder) or pass --tokenizer PATH"
+        ) from None
+    if len(tokenizer) > vocab_size:
+        raise PublishError(
+            f"{tokenizer_source}: the tokenizer has {len(tokenizer)} tokens but config.json has "
+            f"vocab_size={vocab_size}: ids beyond the embedding table would fail"
+        )
+    tokenizer.save_pretrained(target)
+
+
+def _write_generation_config(source: Path, target: Path, config) -> None:
+    from transformers import GenerationConfig
+
+    path = source / "generation_config.json"
+    if path.is_file():
+        try:
+            json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise PublishError(f"{path}: invalid JSON ({error})") from None
+        shutil.copy2(path, target / path.name)
+    else:
+        GenerationConfig.from_model_config(config).save_pretrained(target)
+
+
+def list_files(folder: Path) -> dict[str, int]:
+    return {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def build_repo_folder(
+    source: str | Path,
+    output: str | Path,
+    repo_id: str,
+    *,
+    license: str = "apache-2.0",
+    datasets: list[str] = (),
+    tags: list[str] = (),
+    results_file: str | Path | None = None,
+    tokenizer: str | Path | None = None,
+    sample_text: str | None = None,
+    overwrite: bool = False,
+    validate: bool = True,
+    timeout: float = 300,
+) -> BuildResult:
+    """Build the Hub repository folder of `source` into `output` (atomically) and validate it; see the module doc."""
+    source, output = Path(source), Path(output)
+    check_repo_id(repo_id)
+    if not LICENSE.match(license):
+        raise PublishError(f"--license {license!r} is not a license identifier such as 'apache-2.0' or 'mit'")
+    if not source.is_dir():
+        raise PublishError(f"{source}: not a folder")
+    if output.resolve() == source.resolve():
+        raise PublishError(f"--output {output} is the source folder; choose another folder")
+    if output.exists() and not overwrite:
+        raise PublishError(f"--output {output} exists; pass --overwrite to replace it")
+    summary = validate_checkpoint_folder(source)  # config + weights, before anything is written
+    config = read_config(source)
+    if summary.model_class not in TASKS:
+        raise PublishError(f"{source}/config.json: no pipeline for architecture {summary.model_class}")
+    pipeline_tag, auto_class = TASKS[summary.model_class]
+    results = read_results(results_file, (list(datasets) or [None])[0]) if results_file else []
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.tmp-"))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private (0700); the published folder is an ordinary one
+    try:
+        files, weight_map = weight_files(source)
+        for path in files:
+            shutil.copy2(path, tmp / path.name)
+        if weight_map is not None:
+            shutil.copy2(source / "model.safetensors.index.json", tmp / "model.safetensors.index.json")
+        _write_config(source, tmp, config.architecture)
+        _copy_code(source, tmp)
+        _write_generation_config(source, tmp, config)
+        _write_tokenizer(Path(tokenizer) if tokenizer else source, tmp, config.vocab_size)
+        card = build_model_card(
+            config, summary.model_class, summary.num_parameters, repo_id, license, list(datasets), list(tags), results
+        )
+        card.save(tmp / "README.md")
+        validation = validate_in_fresh_process(tmp, sample_text=sample_text, timeout=timeout) if validate else {}
+        _replace_dir(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return BuildResult(output, repo_id, pipeline_tag, list_files(output), validation)
+
+
+def _replace_dir(tmp: Path, output: Path) -> None:
+    if output.exists():
+        old = output.with_name(f".{output.name}.old-{os.getpid()}")
+        os.replace(output, old)
+        os.replace(tmp, output)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, output)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Validation in a fresh process
+# ---------------------------------------------------------------------------------------------------------------
+
+FRESH_SCRIPT = textwrap.dedent(
+    """
+    import importlib.abc, json, math, sys
+    spec = json.loads(sys.argv[1])
+
+    class _Block(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in spec["blocked"]:
+                raise ImportError("blocked: " + name)
+
+    sys.meta_path.insert(0, _Block())
+    for name in spec["blocked"]:
+        try:
+            __import__(name)
+        except ImportError:
+            continue
+        raise SystemExit("package " + name + " is still importable: validation would prove nothing")
+
+    import torch
+    import transformers
+    from transformers import AutoConfig, AutoTokenizer, pipeline
+
+    folder, task = spec["folder"], spec["task"]
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
+    auto = getattr(transformers, spec["auto_class"])
+    model, info = auto.from_pretrained(folder, trust_remote_code=True, output_loading_info=True)
+    model.eval()
+    problems = {k: sorted(map(str, v)) for k, v in info.items() if v}
+    if problems:
+        raise SystemExit("loading reported " + json.dumps(problems))
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
+    text = spec["sample"]
+    if task == "fill-mask":
+        if tokenizer.mask_token is None:
+            raise SystemExit("fill-mask needs a tokenizer with a mask token; this tokenizer has none")
+        text = text + " " + tokenizer.mask_token
+    enc = tokenizer(text, return_tensors="pt")
+    inputs = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+    if config.is_encoder_decoder:
+        inputs["decoder_input_ids"] = torch.tensor([[config.decoder_start_token_id]])
+    with torch.no_grad():
+        out = model(**inputs)
+    main = out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
+    if not torch.isfinite(main).all():
+        raise SystemExit("the forward pass gave non-finite outputs")
+    pipe = pipeline(task, model=folder, trust_remote_code=True)
+    kwargs = {"text-generation": dict(do_sample=False, max_new_tokens=8),
+              "text2text-generation": dict(max_new_tokens=8), "fill-mask": dict(top_k=3)}.get(task, {})
+    result = pipe(text, **kwargs)
+    print(json.dumps({"model_class": type(model).__name__, "module": type(model).__module__,
+                      "output_shape": list(main.shape), "task": task, "input": text,
+                      "output": json.loads(json.dumps(result, default=str))}))
+    """
+)
+
+
+def validate_in_fresh_process(folder: str | Path, sample_text: str | None = None, timeout: float = 300) -> dict:
+    """Load `folder` with `trust_remote_code=True` in a new interpreter where this package cannot be imported,
+    run a forward pass and its pipeline; return what it printed, or raise `PublishError` with its last error."""
+    folder = Path(folder).resolve()
+    config = read_config(folder)
+    class_name = (config.architectures or [None])[0]
+    if class_name not in TASKS:
+        raise PublishError(f"{folder}/config.json: architectures={config.architectures!r} names no known head")
+    task, auto_class = TASKS[class_name]
+    spec = {
+        "folder": str(folder),
+        "task": task,
+        "auto_class": auto_class,
+        "sample": sample_text or DEFAULT_SAMPLE,
+        "blocked": list(BLOCKED_PACKAGES),
+    }
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSTARTUP")}
+    env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONNOUSERSITE="1")
+    with tempfile.TemporaryDirectory(prefix="course-transformer-validate-") as scratch:
+        # a private remote-code cache: code cached by an earlier run must not stand in for this folder's
+        env["HF_MODULES_CACHE"] = str(Path(scratch) / "modules")
+        try:
+            proc = subprocess.run(
+                [sys.executable, "-c", FRESH_SCRIPT, json.dumps(spec)],
+                cwd=scratch,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+            )
+        except subprocess.TimeoutExpired:
+            raise PublishError(f"validation of {folder} timed out after {timeout:.0f} s in a fresh process") from None
+    if proc.returncode != 0:
+        lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+        last = lines[-1] if lines else f"exit status {proc.returncode}"
+        raise PublishError(
+            f"validation failed: {folder} does not load and run with trust_remote_code=True in a fresh process "
+            f"without the course-transformer package: {last}",
+            details=proc.stderr,
+        )
+    try:
+        report = json.loads(proc.stdout.strip().splitlines()[-1])
+    except (IndexError, json.JSONDecodeError):
+        raise PublishError(f"validation of {folder} printed no report: {proc.stdout[-500:]!r}") from None
+    if not report["module"].startswith("transformers_modules"):
+        raise PublishError(f"validation loaded {report['module']}, not the folder's own code")
+    return report
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Upload
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+
+
+def upload(
+    folder: str | Path,
+    repo_id: str,
+    *,
+    private: bool = False,
+    token: str | None = None,
+    commit_message: str = "Upload course Transformer",
+    api: Any = None,
+) -> str:
+    """`create_repo(exist_ok=True)` then `upload_folder` with `huggingface_hub.HfApi` (or the `api` given, for
+    tests); returns the commit URL the Hub answered with."""
+    check_repo_id(repo_id)
+    if api is None:
+        if _offline():
+            raise PublishError("HF_HUB_OFFLINE is set: cannot upload (unset it, or use --dry-run)")
+        from huggingface_hub import HfApi, get_token
+
+        token = token or os.environ.get("HF_TOKEN") or get_token()
+        if not token:
+            raise PublishError("no Hugging Face token: set HF_TOKEN or run `hf auth login` (or use --dry-run)")
+        api = HfApi(token=token)
+    repo_url = api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+    commit = api.upload_folder(
+        repo_id=repo_id, folder_path=str(folder), repo_type="model", commit_message=commit_message
+    )
+    return str(getattr(commit, "commit_url", None) or getattr(repo_url, "url", None) or commit)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="course-transformer publish",
+        description="Build the Hub repository folder of a trained model, validate it in a fresh process "
+        "without this package, then upload it (unless --dry-run).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("folder", type=Path, help="folder written by save_pretrained (with the tokenizer)")
+    parser.add_argument("--repo-id", required=True, help="Hub repository, 'user/name'")
+    parser.add_argument(
+        "--output", type=Path, default=None, help="where to build the repository folder (default: FOLDER-hub)"
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+    parser.add_argument("--dry-run", action="store_true", help="build and validate, list the files, upload nothing")
+    parser.add_argument("--private", action="store_true", help="create the Hub repository as private")
+    parser.add_argument("--license", default="apache-2.0", help="license identifier for the model card")
+    parser.add_argument("--results", type=Path, default=None, help="harness report JSON with evaluation metrics")
+    parser.add_argument("--dataset", action="append", default=[], help="training dataset id (repeatable)")
+    parser.add_argument("--tag", action="append", default=[], help="extra model-card tag (repeatable)")
+    parser.add_argument("--tokenizer", type=Path, default=None, help="tokenizer folder (default: FOLDER)")
+    parser.add_argument("--sample-text", default=DEFAULT_SAMPLE, help="input for the validation pipeline run")
+    parser.add_argument("--timeout", type=float, default=300, help="seconds allowed for the fresh-process check")
+    parser.add_argument("--commit-message", default="Upload course Transformer", help="Hub commit message")
+    return parser
+
+
+def main(argv: list[str] | None = None, api: Any = None) -> int:
+    args = build_parser().parse_args(argv)
+    output = args.output or args.folder.with_name(f"{args.folder.name}-hub")
+    try:
+        check_repo_id(args.repo_id)
+        result = build_repo_folder(
+            args.folder,
+            output,
+            args.repo_id,
+            license=args.license,
+            datasets=args.dataset,
+            tags=args.tag,
+            results_file=args.results,
+            tokenizer=args.tokenizer,
+            sample_text=args.sample_text,
+            overwrite=args.overwrite,
+            timeout=args.timeout,
+        )
+        v = result.validation
+        print(f"built {result.folder} ({result.pipeline_tag}); validated in a fresh process without the package:")
+        origin = v["module"].split(".")[0]
+        print(f"  {v['model_class']} loaded from the folder's code ({origin}.*)")
+        print(f"  pipeline({v['task']!r})({v['input']!r}) -> {json.dumps(v['output'])}"[:300])
+        if args.dry_run:
+            for name, size in result.files.items():
+                print(f"  {size:>12,d}  {name}")
+            print(f"  {sum(result.files.values()):>12,d}  total ({_size(sum(result.files.values()))})")
+            print(f"dry run: nothing uploaded to {args.repo_id}")
+            return 0
+        url = upload(result.folder, args.repo_id, private=args.private, commit_message=args.commit_message, api=api)
+        print(f"uploaded {len(result.files)} files to {args.repo_id}: {url}")
+    except (PublishError, CheckpointError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
