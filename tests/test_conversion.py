@@ -26,6 +26,15 @@ TOL = 1e-5
 VOCAB = 97
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: one thread is much faster than two when the machine is shared, and leaves a core free."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """Random values in every parameter, biases and LayerNorm gains included (the default init makes those 0 and 1,
     which would hide a swapped bias or norm)."""
