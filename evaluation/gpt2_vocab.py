@@ -66,8 +66,19 @@ def download_tiktoken(cache_dir: Path = DEFAULT_CACHE_DIR) -> Path:
         return target
     cache_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".download-") as tmp:
-        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--quiet",
-                   WHISPER_REQUIREMENT, "-d", tmp]
+        command = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--no-binary",
+            ":all:",
+            "--quiet",
+            WHISPER_REQUIREMENT,
+            "-d",
+            tmp,
+        ]
         result = subprocess.run(command, capture_output=True, text=True)
         archives = sorted(Path(tmp).glob("*.tar.gz"))
         if result.returncode != 0 or not archives:
@@ -81,8 +92,9 @@ def download_tiktoken(cache_dir: Path = DEFAULT_CACHE_DIR) -> Path:
                 member = next(m for m in archive.getmembers() if m.isfile() and m.name.endswith(TIKTOKEN_MEMBER))
                 data = archive.extractfile(member).read()
         except (tarfile.TarError, StopIteration, OSError) as error:
-            raise VocabularyError(f"step 'extract': no readable {TIKTOKEN_MEMBER} in {archives[0].name}: {error}") \
-                from error
+            raise VocabularyError(
+                f"step 'extract': no readable {TIKTOKEN_MEMBER} in {archives[0].name}: {error}"
+            ) from error
         partial = Path(tmp) / "gpt2.tiktoken"
         partial.write_bytes(data)
         os.replace(partial, target)  # atomic: a reader never sees half a file
@@ -116,7 +128,7 @@ def _split_by_lower_ranks(token: bytes, ranks: dict[bytes, int], max_rank: int) 
                 best_rank, best_index = rank, i
         if best_index is None:
             break
-        parts[best_index: best_index + 2] = [parts[best_index] + parts[best_index + 1]]
+        parts[best_index : best_index + 2] = [parts[best_index] + parts[best_index + 1]]
     return parts
 
 
@@ -175,8 +187,9 @@ def load_gpt2_tokenizer(cache_dir: Path | None = None, download: bool = True):
     try:
         tokenizer = GPT2TokenizerFast(vocab=str(vocab_path), merges=str(merges_path), pad_token=END_OF_TEXT)
     except Exception as error:  # noqa: BLE001 - reported with the step name
-        raise VocabularyError(f"step 'tokenizer': GPT2TokenizerFast could not load {vocab_path.parent}: {error}") \
-            from error
+        raise VocabularyError(
+            f"step 'tokenizer': GPT2TokenizerFast could not load {vocab_path.parent}: {error}"
+        ) from error
     for text, expected in EXPECTED.items():
         got = tokenizer(text)["input_ids"]
         if got != expected:
@@ -195,8 +208,10 @@ def main(argv: list[str] | None = None) -> int:
     except VocabularyError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(f"GPT-2 vocabulary ready in {args.cache_dir}: {len(tokenizer)} tokens, 'Hello world' -> "
-          f"{tokenizer('Hello world')['input_ids']}")
+    print(
+        f"GPT-2 vocabulary ready in {args.cache_dir}: {len(tokenizer)} tokens, 'Hello world' -> "
+        f"{tokenizer('Hello world')['input_ids']}"
+    )
     return 0
 
 

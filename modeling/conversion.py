@@ -113,8 +113,12 @@ def bert_config_to_course(config: BertConfig, add_pooling_layer: bool = True) ->
     """The course config of a BERT checkpoint: a post-norm encoder with learned positions, token types,
     an embedding LayerNorm and, for `BertModel`, the pooler."""
     if getattr(config, "position_embedding_type", "absolute") not in (None, "absolute"):
-        _refuse("CourseTransformerConfig", "BertConfig.position_embedding_type", config.position_embedding_type,
-                "only 'absolute' (learned) positions convert")
+        _refuse(
+            "CourseTransformerConfig",
+            "BertConfig.position_embedding_type",
+            config.position_embedding_type,
+            "only 'absolute' (learned) positions convert",
+        )
     if getattr(config, "is_decoder", False) or getattr(config, "add_cross_attention", False):
         _refuse("CourseTransformerConfig", "BertConfig.is_decoder", True, "only the bidirectional encoder converts")
     return CourseTransformerConfig(
@@ -150,19 +154,31 @@ def bert_config_to_course(config: BertConfig, add_pooling_layer: bool = True) ->
 def gpt2_config_to_course(config: GPT2Config) -> CourseTransformerConfig:
     """The course config of a GPT-2 checkpoint: a pre-norm decoder with learned positions and a final LayerNorm."""
     if not config.scale_attn_weights:
-        _refuse("CourseTransformerConfig", "GPT2Config.scale_attn_weights", False,
-                "the course attention always divides scores by sqrt(head_dim)")
+        _refuse(
+            "CourseTransformerConfig",
+            "GPT2Config.scale_attn_weights",
+            False,
+            "the course attention always divides scores by sqrt(head_dim)",
+        )
     if config.scale_attn_by_inverse_layer_idx:
-        _refuse("CourseTransformerConfig", "GPT2Config.scale_attn_by_inverse_layer_idx", True,
-                "the course attention uses the same 1/sqrt(head_dim) scale in every layer")
+        _refuse(
+            "CourseTransformerConfig",
+            "GPT2Config.scale_attn_by_inverse_layer_idx",
+            True,
+            "the course attention uses the same 1/sqrt(head_dim) scale in every layer",
+        )
     if config.add_cross_attention:
-        _refuse("CourseTransformerConfig", "GPT2Config.add_cross_attention", True,
-                "only the decoder-only GPT-2 converts")
+        _refuse(
+            "CourseTransformerConfig", "GPT2Config.add_cross_attention", True, "only the decoder-only GPT-2 converts"
+        )
     # reorder_and_upcast_attn only changes the float order of the same math (it upcasts to fp32); it converts.
     if config.embd_pdrop != config.resid_pdrop:
-        logger.warning("GPT2Config.embd_pdrop=%s differs from resid_pdrop=%s; the course Transformer uses one "
-                       "hidden_dropout_prob (resid_pdrop). Inference is unaffected.", config.embd_pdrop,
-                       config.resid_pdrop)
+        logger.warning(
+            "GPT2Config.embd_pdrop=%s differs from resid_pdrop=%s; the course Transformer uses one "
+            "hidden_dropout_prob (resid_pdrop). Inference is unaffected.",
+            config.embd_pdrop,
+            config.resid_pdrop,
+        )
     return CourseTransformerConfig(
         architecture="decoder",
         vocab_size=config.vocab_size,
@@ -209,14 +225,18 @@ def _export_activation(config: CourseTransformerConfig, target: str) -> str:
 def course_config_to_bert(config: CourseTransformerConfig) -> BertConfig:
     """The `BertConfig` of a BERT-shaped course config; `ValueError` for any field BERT cannot express."""
     target = "BERT"
-    _require(config, target, {
-        "architecture": ("encoder",),
-        "norm_placement": ("post",),
-        "position_encoding": ("learned",),
-        "embedding_layer_norm": (True,),
-        "use_bias": (True,),
-        "scale_embeddings": (False,),
-    })
+    _require(
+        config,
+        target,
+        {
+            "architecture": ("encoder",),
+            "norm_placement": ("post",),
+            "position_encoding": ("learned",),
+            "embedding_layer_norm": (True,),
+            "use_bias": (True,),
+            "scale_embeddings": (False,),
+        },
+    )
     if config.type_vocab_size < 1:
         _refuse(target, "type_vocab_size", config.type_vocab_size, "BERT always adds token-type embeddings (>= 1)")
     return BertConfig(
@@ -243,15 +263,19 @@ def course_config_to_bert(config: CourseTransformerConfig) -> BertConfig:
 def course_config_to_gpt2(config: CourseTransformerConfig) -> GPT2Config:
     """The `GPT2Config` of a GPT-2-shaped course config; `ValueError` for any field GPT-2 cannot express."""
     target = "GPT-2"
-    _require(config, target, {
-        "architecture": ("decoder",),
-        "norm_placement": ("pre",),
-        "position_encoding": ("learned",),
-        "embedding_layer_norm": (False,),
-        "type_vocab_size": (0,),
-        "use_bias": (True,),
-        "scale_embeddings": (False,),
-    })
+    _require(
+        config,
+        target,
+        {
+            "architecture": ("decoder",),
+            "norm_placement": ("pre",),
+            "position_encoding": ("learned",),
+            "embedding_layer_norm": (False,),
+            "type_vocab_size": (0,),
+            "use_bias": (True,),
+            "scale_embeddings": (False,),
+        },
+    )
     return GPT2Config(
         vocab_size=config.vocab_size,
         n_positions=config.max_position_embeddings,
@@ -345,13 +369,19 @@ def bert_rules(config: CourseTransformerConfig, pooler: bool, mlm_head: bool) ->
             *_pairs("cls.predictions.transform.dense", "transform.dense"),
             *_pairs("cls.predictions.transform.LayerNorm", "transform.layer_norm"),
             # BERT keeps the output bias twice (`decoder.bias`, used in forward, and `bias`, tied to it on load).
-            Rule(("cls.predictions.decoder.bias", "cls.predictions.bias"), ("lm_head.bias",),
-                 _same, lambda tensors: [tensors[0], tensors[0]]),
+            Rule(
+                ("cls.predictions.decoder.bias", "cls.predictions.bias"),
+                ("lm_head.bias",),
+                _same,
+                lambda tensors: [tensors[0], tensors[0]],
+            ),
         ]
         if not config.tie_word_embeddings:
             head += _pairs("cls.predictions.decoder", "lm_head", ("weight",))
-        rules = [Rule(tuple(f"bert.{n}" for n in r.theirs), tuple(f"model.{n}" for n in r.ours),
-                      r.to_ours, r.to_theirs) for r in rules]
+        rules = [
+            Rule(tuple(f"bert.{n}" for n in r.theirs), tuple(f"model.{n}" for n in r.ours), r.to_ours, r.to_theirs)
+            for r in rules
+        ]
         rules += head
     return rules
 
@@ -367,12 +397,18 @@ def gpt2_rules(config: CourseTransformerConfig, lm_head: bool) -> list[Rule]:
         attn = f"{ours}.self_attn"
         rules += [
             *_pairs(f"{theirs}.ln_1", f"{ours}.self_attn_norm"),
-            Rule((f"{theirs}.attn.c_attn.weight",),
-                 (f"{attn}.q_proj.weight", f"{attn}.k_proj.weight", f"{attn}.v_proj.weight"),
-                 _split_qkv_weight, _fuse_qkv_weight),
-            Rule((f"{theirs}.attn.c_attn.bias",),
-                 (f"{attn}.q_proj.bias", f"{attn}.k_proj.bias", f"{attn}.v_proj.bias"),
-                 _split_qkv_bias, _fuse_qkv_bias),
+            Rule(
+                (f"{theirs}.attn.c_attn.weight",),
+                (f"{attn}.q_proj.weight", f"{attn}.k_proj.weight", f"{attn}.v_proj.weight"),
+                _split_qkv_weight,
+                _fuse_qkv_weight,
+            ),
+            Rule(
+                (f"{theirs}.attn.c_attn.bias",),
+                (f"{attn}.q_proj.bias", f"{attn}.k_proj.bias", f"{attn}.v_proj.bias"),
+                _split_qkv_bias,
+                _fuse_qkv_bias,
+            ),
             *_pairs(f"{theirs}.attn.c_proj", f"{attn}.o_proj", ("weight",), _transpose, _transpose),
             *_pairs(f"{theirs}.attn.c_proj", f"{attn}.o_proj", ("bias",)),
             *_pairs(f"{theirs}.ln_2", f"{ours}.ffn_norm"),
@@ -383,8 +419,15 @@ def gpt2_rules(config: CourseTransformerConfig, lm_head: bool) -> list[Rule]:
         ]
     rules += _pairs("ln_f", "decoder.final_norm")
     if lm_head:
-        rules = [Rule(tuple(f"transformer.{n}" for n in r.theirs), tuple(f"model.{n}" for n in r.ours),
-                      r.to_ours, r.to_theirs) for r in rules]
+        rules = [
+            Rule(
+                tuple(f"transformer.{n}" for n in r.theirs),
+                tuple(f"model.{n}" for n in r.ours),
+                r.to_ours,
+                r.to_theirs,
+            )
+            for r in rules
+        ]
         if not config.tie_word_embeddings:
             rules += _pairs("lm_head", "lm_head", ("weight",))
     return rules
@@ -428,8 +471,9 @@ def _transfer(source: nn.Module, target: nn.Module, rules: list[Rule], to_target
         raise KeyError(f"no conversion rule sets these parameters of {type(target).__name__}: {unset}")
 
 
-def _new_model(cls: type[PreTrainedModel], config, like: nn.Module, attn_implementation: str | None,
-               **kwargs) -> PreTrainedModel:
+def _new_model(
+    cls: type[PreTrainedModel], config, like: nn.Module, attn_implementation: str | None, **kwargs
+) -> PreTrainedModel:
     if attn_implementation is not None:
         config._attn_implementation = attn_implementation
     model = cls(config, **kwargs)
@@ -442,8 +486,9 @@ def _new_model(cls: type[PreTrainedModel], config, like: nn.Module, attn_impleme
 # --------------------------------------------------------------------------------------------------------------
 
 
-def from_bert(model: BertModel | BertForMaskedLM, attn_implementation: str | None = "eager"
-              ) -> CourseTransformerModel | CourseTransformerForMaskedLM:
+def from_bert(
+    model: BertModel | BertForMaskedLM, attn_implementation: str | None = "eager"
+) -> CourseTransformerModel | CourseTransformerForMaskedLM:
     """Convert `BertModel` (-> `CourseTransformerModel` with the pooler when it has one) or `BertForMaskedLM`
     (-> `CourseTransformerForMaskedLM`). Weights are copied exactly; dtype, device and train/eval mode follow."""
     if isinstance(model, BertForMaskedLM):
@@ -460,8 +505,9 @@ def from_bert(model: BertModel | BertForMaskedLM, attn_implementation: str | Non
     return ours
 
 
-def from_gpt2(model: GPT2Model | GPT2LMHeadModel, attn_implementation: str | None = "eager"
-              ) -> CourseTransformerModel | CourseTransformerForCausalLM:
+def from_gpt2(
+    model: GPT2Model | GPT2LMHeadModel, attn_implementation: str | None = "eager"
+) -> CourseTransformerModel | CourseTransformerForCausalLM:
     """Convert `GPT2Model` (-> `CourseTransformerModel`) or `GPT2LMHeadModel` (-> `CourseTransformerForCausalLM`)."""
     if isinstance(model, GPT2LMHeadModel):
         config = gpt2_config_to_course(model.config)
@@ -482,31 +528,39 @@ def from_gpt2(model: GPT2Model | GPT2LMHeadModel, attn_implementation: str | Non
 # --------------------------------------------------------------------------------------------------------------
 
 
-def to_bert(model: CourseTransformerModel | CourseTransformerForMaskedLM, attn_implementation: str | None = "eager"
-            ) -> BertModel | BertForMaskedLM:
+def to_bert(
+    model: CourseTransformerModel | CourseTransformerForMaskedLM, attn_implementation: str | None = "eager"
+) -> BertModel | BertForMaskedLM:
     """Export a BERT-shaped model: `CourseTransformerForMaskedLM` -> `BertForMaskedLM`, the bare
     `CourseTransformerModel` -> `BertModel` (with the pooler iff ours has one)."""
     config = model.config
     bert_config = course_config_to_bert(config)
     if isinstance(model, CourseTransformerForMaskedLM):
         if model.model.pooler is not None:
-            _refuse("BertForMaskedLM", "add_pooling_layer", True,
-                    "BertForMaskedLM has no pooler; export the bare CourseTransformerModel to BertModel instead")
+            _refuse(
+                "BertForMaskedLM",
+                "add_pooling_layer",
+                True,
+                "BertForMaskedLM has no pooler; export the bare CourseTransformerModel to BertModel instead",
+            )
         native = _new_model(BertForMaskedLM, bert_config, model, attn_implementation)
         rules = bert_rules(config, pooler=False, mlm_head=True)
     elif isinstance(model, CourseTransformerModel):
-        native = _new_model(BertModel, bert_config, model, attn_implementation,
-                            add_pooling_layer=model.pooler is not None)
+        native = _new_model(
+            BertModel, bert_config, model, attn_implementation, add_pooling_layer=model.pooler is not None
+        )
         rules = bert_rules(config, pooler=model.pooler is not None, mlm_head=False)
     else:
-        raise TypeError(f"to_bert takes CourseTransformerModel or CourseTransformerForMaskedLM, "
-                        f"got {type(model).__name__}")
+        raise TypeError(
+            f"to_bert takes CourseTransformerModel or CourseTransformerForMaskedLM, got {type(model).__name__}"
+        )
     _transfer(model, native, rules, lambda r: (r.ours, r.theirs, r.to_theirs))
     return native
 
 
-def to_gpt2(model: CourseTransformerModel | CourseTransformerForCausalLM, attn_implementation: str | None = "eager"
-            ) -> GPT2Model | GPT2LMHeadModel:
+def to_gpt2(
+    model: CourseTransformerModel | CourseTransformerForCausalLM, attn_implementation: str | None = "eager"
+) -> GPT2Model | GPT2LMHeadModel:
     """Export a GPT-2-shaped model: `CourseTransformerForCausalLM` -> `GPT2LMHeadModel`, the bare model ->
     `GPT2Model`."""
     config = model.config
@@ -518,8 +572,9 @@ def to_gpt2(model: CourseTransformerModel | CourseTransformerForCausalLM, attn_i
         native = _new_model(GPT2Model, gpt2_config, model, attn_implementation)
         rules = gpt2_rules(config, lm_head=False)
     else:
-        raise TypeError(f"to_gpt2 takes CourseTransformerModel or CourseTransformerForCausalLM, "
-                        f"got {type(model).__name__}")
+        raise TypeError(
+            f"to_gpt2 takes CourseTransformerModel or CourseTransformerForCausalLM, got {type(model).__name__}"
+        )
     _transfer(model, native, rules, lambda r: (r.ours, r.theirs, r.to_theirs))
     return native
 
@@ -544,14 +599,21 @@ def load_bert(path: str | Path, attn_implementation: str = "eager", **kwargs) ->
     if model_type != "bert":
         raise ValueError(f"{path}: model_type={model_type!r}, expected 'bert'")
     if any(a in ("BertForMaskedLM", "BertForPreTraining") for a in architectures):
-        model, info = BertForMaskedLM.from_pretrained(path, attn_implementation=attn_implementation,
-                                                      output_loading_info=True, **kwargs)
+        model, info = BertForMaskedLM.from_pretrained(
+            path, attn_implementation=attn_implementation, output_loading_info=True, **kwargs
+        )
     else:
-        model, info = BertModel.from_pretrained(path, attn_implementation=attn_implementation,
-                                                output_loading_info=True, **kwargs)
+        model, info = BertModel.from_pretrained(
+            path, attn_implementation=attn_implementation, output_loading_info=True, **kwargs
+        )
         if any(k.startswith("pooler.") for k in info["missing_keys"]):
-            model, info = BertModel.from_pretrained(path, attn_implementation=attn_implementation,
-                                                    add_pooling_layer=False, output_loading_info=True, **kwargs)
+            model, info = BertModel.from_pretrained(
+                path,
+                attn_implementation=attn_implementation,
+                add_pooling_layer=False,
+                output_loading_info=True,
+                **kwargs,
+            )
     if info["missing_keys"]:
         raise ValueError(f"{path}: the checkpoint lacks weights {sorted(info['missing_keys'])[:5]}")
     return model.eval()
@@ -563,8 +625,9 @@ def load_gpt2(path: str | Path, attn_implementation: str = "eager", **kwargs) ->
     if model_type != "gpt2":
         raise ValueError(f"{path}: model_type={model_type!r}, expected 'gpt2'")
     cls = GPT2Model if architectures == ["GPT2Model"] else GPT2LMHeadModel
-    model, info = cls.from_pretrained(path, attn_implementation=attn_implementation, output_loading_info=True,
-                                      **kwargs)
+    model, info = cls.from_pretrained(
+        path, attn_implementation=attn_implementation, output_loading_info=True, **kwargs
+    )
     if info["missing_keys"]:
         raise ValueError(f"{path}: the checkpoint lacks weights {sorted(info['missing_keys'])[:5]}")
     return model.eval()
@@ -607,8 +670,9 @@ def atomic_write_dir(output: str | Path, write: Callable[[Path], None], overwrit
     return output
 
 
-def save_converted(model: PreTrainedModel, output: str | Path, tokenizer_source: str | Path | None = None,
-                   overwrite: bool = False) -> Path:
+def save_converted(
+    model: PreTrainedModel, output: str | Path, tokenizer_source: str | Path | None = None, overwrite: bool = False
+) -> Path:
     """`save_pretrained` into `output` atomically, with the tokenizer of `tokenizer_source` when it has one."""
 
     def write(folder: Path) -> None:
@@ -631,7 +695,7 @@ def max_output_difference(a: nn.Module, b: nn.Module, seed: int = 0, length: int
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, config.vocab_size, (2, length), generator=generator)
     mask = torch.ones_like(ids)
-    mask[1, length // 2:] = 0  # right padding in the second row
+    mask[1, length // 2 :] = 0  # right padding in the second row
 
     def main_output(model):
         out = model(input_ids=ids, attention_mask=mask)
@@ -641,8 +705,10 @@ def max_output_difference(a: nn.Module, b: nn.Module, seed: int = 0, length: int
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m modeling.conversion",
-                                     description="Convert between Hugging Face BERT/GPT-2 and the course Transformer.")
+    parser = argparse.ArgumentParser(
+        prog="python -m modeling.conversion",
+        description="Convert between Hugging Face BERT/GPT-2 and the course Transformer.",
+    )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--from-bert", metavar="PATH", help="Hugging Face BERT folder -> course Transformer")
     source.add_argument("--from-gpt2", metavar="PATH", help="Hugging Face GPT-2 folder -> course Transformer")
@@ -666,8 +732,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError, KeyError, FileNotFoundError, FileExistsError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(f"{type(source_model).__name__} ({path}) -> {type(converted).__name__} ({args.output}); "
-          f"max |output difference| on a random padded batch: {difference:.3g}")
+    print(
+        f"{type(source_model).__name__} ({path}) -> {type(converted).__name__} ({args.output}); "
+        f"max |output difference| on a random padded batch: {difference:.3g}"
+    )
     return 0
 
 

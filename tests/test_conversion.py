@@ -50,8 +50,15 @@ def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 
 
 def tiny_bert(cls=BertForMaskedLM, seed: int = 0, **overrides):
-    fields = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                  max_position_embeddings=64, type_vocab_size=2)
+    fields = dict(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        type_vocab_size=2,
+    )
     fields.update(overrides)
     config = BertConfig(**fields)
     config._attn_implementation = "eager"
@@ -59,8 +66,15 @@ def tiny_bert(cls=BertForMaskedLM, seed: int = 0, **overrides):
 
 
 def tiny_gpt2(cls=GPT2LMHeadModel, seed: int = 0, **overrides):
-    fields = dict(vocab_size=VOCAB, n_positions=64, n_embd=32, n_layer=2, n_head=4, bos_token_id=VOCAB - 1,
-                  eos_token_id=VOCAB - 1)
+    fields = dict(
+        vocab_size=VOCAB,
+        n_positions=64,
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        bos_token_id=VOCAB - 1,
+        eos_token_id=VOCAB - 1,
+    )
     fields.update(overrides)
     config = GPT2Config(**fields)
     config._attn_implementation = "eager"
@@ -120,7 +134,11 @@ def test_bert_mlm_tiny_parity_on_padded_batch():
     assert isinstance(ours, modeling.CourseTransformerForMaskedLM)
     config = ours.config
     assert (config.architecture, config.norm_placement, config.position_encoding, config.hidden_act) == (
-        "encoder", "post", "learned", "gelu")
+        "encoder",
+        "post",
+        "learned",
+        "gelu",
+    )
     assert config.embedding_layer_norm and config.type_vocab_size == 2 and not config.scale_embeddings
     assert ours.lm_head.weight is ours.model.encoder.embeddings.word_embeddings.weight  # tied, like BERT
     assert_parity(ours, reference, padded_batch(with_types=True))
@@ -204,10 +222,21 @@ def test_gpt2_round_trips_are_bitwise_exact(cls):
 def test_our_own_model_exports_to_gpt2():
     """A model built from our config (not from a GPT-2) exports and computes the same thing."""
     config = modeling.CourseTransformerConfig(
-        architecture="decoder", vocab_size=VOCAB, hidden_size=32, num_attention_heads=4, num_decoder_layers=2,
-        intermediate_size=48, hidden_act="gelu_tanh", position_encoding="learned", norm_placement="pre",
-        scale_embeddings=False, max_position_embeddings=64, hidden_dropout_prob=0.0, attention_dropout_prob=0.0,
-        bos_token_id=1, eos_token_id=2,
+        architecture="decoder",
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_attention_heads=4,
+        num_decoder_layers=2,
+        intermediate_size=48,
+        hidden_act="gelu_tanh",
+        position_encoding="learned",
+        norm_placement="pre",
+        scale_embeddings=False,
+        max_position_embeddings=64,
+        hidden_dropout_prob=0.0,
+        attention_dropout_prob=0.0,
+        bos_token_id=1,
+        eos_token_id=2,
     )
     config._attn_implementation = "eager"
     torch.manual_seed(0)
@@ -224,8 +253,15 @@ def test_our_own_model_exports_to_gpt2():
 
 
 def _course(**fields):
-    base = dict(vocab_size=VOCAB, hidden_size=32, num_attention_heads=4, num_encoder_layers=2, num_decoder_layers=2,
-                intermediate_size=64, max_position_embeddings=64)
+    base = dict(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_attention_heads=4,
+        num_encoder_layers=2,
+        num_decoder_layers=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
     base.update(fields)
     return modeling.CourseTransformerConfig(**base)
 
@@ -233,21 +269,74 @@ def _course(**fields):
 @pytest.mark.parametrize(
     "fields, export, field, value",
     [
-        (dict(architecture="decoder", norm_placement="pre", position_encoding="rope", scale_embeddings=False),
-         course_config_to_gpt2, "position_encoding", "'rope'"),
-        (dict(architecture="decoder", norm_placement="post", position_encoding="learned", scale_embeddings=False),
-         course_config_to_gpt2, "norm_placement", "'post'"),
-        (dict(architecture="decoder", norm_placement="pre", position_encoding="learned", scale_embeddings=True),
-         course_config_to_gpt2, "scale_embeddings", "True"),
+        (
+            dict(architecture="decoder", norm_placement="pre", position_encoding="rope", scale_embeddings=False),
+            course_config_to_gpt2,
+            "position_encoding",
+            "'rope'",
+        ),
+        (
+            dict(architecture="decoder", norm_placement="post", position_encoding="learned", scale_embeddings=False),
+            course_config_to_gpt2,
+            "norm_placement",
+            "'post'",
+        ),
+        (
+            dict(architecture="decoder", norm_placement="pre", position_encoding="learned", scale_embeddings=True),
+            course_config_to_gpt2,
+            "scale_embeddings",
+            "True",
+        ),
         (dict(architecture="encoder-decoder"), course_config_to_gpt2, "architecture", "'encoder-decoder'"),
-        (dict(architecture="encoder", position_encoding="sinusoidal", embedding_layer_norm=True, type_vocab_size=2,
-              scale_embeddings=False), course_config_to_bert, "position_encoding", "'sinusoidal'"),
-        (dict(architecture="encoder", position_encoding="learned", norm_placement="pre", embedding_layer_norm=True,
-              type_vocab_size=2, scale_embeddings=False), course_config_to_bert, "norm_placement", "'pre'"),
-        (dict(architecture="encoder", position_encoding="learned", embedding_layer_norm=True, type_vocab_size=0,
-              scale_embeddings=False), course_config_to_bert, "type_vocab_size", "0"),
-        (dict(architecture="encoder", position_encoding="learned", embedding_layer_norm=False, type_vocab_size=2,
-              scale_embeddings=False), course_config_to_bert, "embedding_layer_norm", "False"),
+        (
+            dict(
+                architecture="encoder",
+                position_encoding="sinusoidal",
+                embedding_layer_norm=True,
+                type_vocab_size=2,
+                scale_embeddings=False,
+            ),
+            course_config_to_bert,
+            "position_encoding",
+            "'sinusoidal'",
+        ),
+        (
+            dict(
+                architecture="encoder",
+                position_encoding="learned",
+                norm_placement="pre",
+                embedding_layer_norm=True,
+                type_vocab_size=2,
+                scale_embeddings=False,
+            ),
+            course_config_to_bert,
+            "norm_placement",
+            "'pre'",
+        ),
+        (
+            dict(
+                architecture="encoder",
+                position_encoding="learned",
+                embedding_layer_norm=True,
+                type_vocab_size=0,
+                scale_embeddings=False,
+            ),
+            course_config_to_bert,
+            "type_vocab_size",
+            "0",
+        ),
+        (
+            dict(
+                architecture="encoder",
+                position_encoding="learned",
+                embedding_layer_norm=False,
+                type_vocab_size=2,
+                scale_embeddings=False,
+            ),
+            course_config_to_bert,
+            "embedding_layer_norm",
+            "False",
+        ),
     ],
 )
 def test_inexpressible_config_names_field_value_and_allowed(fields, export, field, value):
@@ -266,14 +355,22 @@ def test_rope_model_refuses_gpt2_export_before_building_anything():
 
 
 def test_masked_lm_with_pooler_refuses_bert_masked_lm_export():
-    config = _course(architecture="encoder", position_encoding="learned", embedding_layer_norm=True,
-                     type_vocab_size=2, scale_embeddings=False, add_pooling_layer=True)
+    config = _course(
+        architecture="encoder",
+        position_encoding="learned",
+        embedding_layer_norm=True,
+        type_vocab_size=2,
+        scale_embeddings=False,
+        add_pooling_layer=True,
+    )
     with pytest.raises(ValueError, match="add_pooling_layer=True"):
         to_bert(modeling.CourseTransformerForMaskedLM(config))
 
 
-@pytest.mark.parametrize("name, expected", [("gelu", "gelu"), ("gelu_new", "gelu_tanh"),
-                                            ("gelu_pytorch_tanh", "gelu_tanh"), ("relu", "relu")])
+@pytest.mark.parametrize(
+    "name, expected",
+    [("gelu", "gelu"), ("gelu_new", "gelu_tanh"), ("gelu_pytorch_tanh", "gelu_tanh"), ("relu", "relu")],
+)
 def test_activations_map_to_the_same_function(name, expected):
     assert gpt2_config_to_course(GPT2Config(activation_function=name, n_layer=1)).hidden_act == expected
 
@@ -324,8 +421,9 @@ def test_cli_converts_folders_both_ways_atomically(tmp_path, capsys):
     # An existing output is not replaced without --overwrite, and no temporary folder is left behind.
     assert conversion.main(["--to-gpt2", str(tmp_path / "ours"), "--output", str(tmp_path / "back")]) == 2
     assert "exists" in capsys.readouterr().err
-    assert conversion.main(["--to-gpt2", str(tmp_path / "ours"), "--output", str(tmp_path / "back"),
-                            "--overwrite"]) == 0
+    assert (
+        conversion.main(["--to-gpt2", str(tmp_path / "ours"), "--output", str(tmp_path / "back"), "--overwrite"]) == 0
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["back", "gpt2", "ours"]
     # A GPT-2-shaped model cannot become a BERT: exit 2 naming the field, nothing written.
     assert conversion.main(["--to-bert", str(tmp_path / "ours"), "--output", str(tmp_path / "bert")]) == 2
@@ -369,8 +467,13 @@ def test_real_minilm_checkpoint_converts_with_parity():
     ours = from_bert(reference)
     assert ours.config.num_encoder_layers == 6 and ours.config.num_attention_heads == 12
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    batch = dict(tokenizer(["Attention is all you need.", "The cat sat on the mat, and then it slept all day."],
-                           padding=True, return_tensors="pt"))
+    batch = dict(
+        tokenizer(
+            ["Attention is all you need.", "The cat sat on the mat, and then it slept all day."],
+            padding=True,
+            return_tensors="pt",
+        )
+    )
     assert batch["attention_mask"][0].sum() < batch["attention_mask"].shape[1]  # the first row is padded
     assert_parity(ours, reference, batch)
     assert_state_dicts_bitwise_equal(to_bert(ours), reference)

@@ -117,13 +117,25 @@ def test_bpe_merges_are_recovered_from_ranks():
     assert len(table) == 256 and len(set(table.values())) == 256 and table[ord("A")] == "A" and table[32] == "Ġ"
 
 
-@pytest.mark.skipif(not (gpt2_vocab.DEFAULT_CACHE_DIR / "gpt2.tiktoken").is_file(),
-                    reason="GPT-2 vocabulary not cached (run `python -m evaluation.gpt2_vocab` once; it downloads "
-                           "the openai-whisper sdist from PyPI)")
+@pytest.mark.skipif(
+    not (gpt2_vocab.DEFAULT_CACHE_DIR / "gpt2.tiktoken").is_file(),
+    reason="GPT-2 vocabulary not cached (run `python -m evaluation.gpt2_vocab` once; it downloads "
+    "the openai-whisper sdist from PyPI)",
+)
 def test_rebuilt_gpt2_vocabulary_encodes_like_gpt2():
     tokenizer = gpt2_vocab.load_gpt2_tokenizer(download=False)
     assert len(tokenizer) == 50257
     assert tokenizer("Hello world")["input_ids"] == [15496, 995]
     assert tokenizer("The quick brown fox jumps over the lazy dog.")["input_ids"] == [
-        464, 2068, 7586, 21831, 18045, 625, 262, 16931, 3290, 13]
+        464,
+        2068,
+        7586,
+        21831,
+        18045,
+        625,
+        262,
+        16931,
+        3290,
+        13,
+    ]
     assert tokenizer.decode([15496, 995]) == "Hello world"
