@@ -185,6 +185,31 @@ def test_untied_gpt2_head_converts_its_own_weights():
     assert_parity(ours, reference, padded_batch())
 
 
+def test_gpt2_left_padding_matches_with_the_same_positions():
+    """HF GPT-2 numbers a left-padded row 0, 1, 2, ... from the first pad; ours, by default, from the first real
+    token (so that the row means what it means alone). With the same explicit position_ids both agree, including
+    the fully masked query rows of the leading pads."""
+    reference = tiny_gpt2(GPT2LMHeadModel, seed=23)
+    ours = from_gpt2(reference)
+    batch = padded_batch()
+    batch["input_ids"], batch["attention_mask"] = batch["input_ids"].flip(-1), batch["attention_mask"].flip(-1)
+    batch["position_ids"] = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    assert_parity(ours, reference, batch)
+
+
+def test_untied_bert_head_converts_its_own_weights():
+    reference = tiny_bert(BertForMaskedLM, seed=29, tie_word_embeddings=False)
+    # Untied, BERT keeps `cls.predictions.bias` as a separate, unused copy of `decoder.bias` (equal in every saved
+    # checkpoint); randomize_ made them differ, so make them equal again for the bitwise round trip below.
+    with torch.no_grad():
+        reference.cls.predictions.bias.copy_(reference.cls.predictions.decoder.bias)
+    ours = from_bert(reference)
+    assert not ours.config.tie_word_embeddings
+    assert ours.lm_head.weight is not ours.model.encoder.embeddings.word_embeddings.weight
+    assert_parity(ours, reference, padded_batch(with_types=True))
+    assert_state_dicts_bitwise_equal(to_bert(ours), reference)
+
+
 def test_dtype_and_mode_follow_the_source():
     reference = tiny_gpt2().to(torch.bfloat16)
     ours = from_gpt2(reference)
