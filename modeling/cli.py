@@ -153,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"{PROG} {command}: error: {_one_line(error)} (--debug shows the traceback)", file=sys.stderr)
         return 1
-    return int(status or 0)
+    # modules return an exit status, or a result object (a dict of paths, a tokenizer) that means success
+    return status if isinstance(status, int) and not isinstance(status, bool) else 0
 
 
 if __name__ == "__main__":

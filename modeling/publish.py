@@ -96,16 +96,33 @@ def check_repo_id(repo_id: str) -> str:
     return repo_id
 
 
+# fields of a training log entry that are not evaluation results
+NOT_METRICS = ("step", "epoch", "eval_tokens", "tokens", "elapsed", "time", "learning_rate", "lr")
+
+
+def _last_eval_entry(path: Path, entries: list) -> dict:
+    """The last `{"kind": "eval", ...}` line of a training log (scripts/train.py's metrics.jsonl)."""
+    evals = [e for e in entries if isinstance(e, dict) and e.get("kind") == "eval"]
+    if not evals:
+        raise PublishError(f'--results {path}: no evaluation entry ({{"kind": "eval", ...}}) in this log')
+    return {k: v for k, v in evals[-1].items() if k not in NOT_METRICS and k != "kind"}
+
+
 def read_results(path: str | Path, default_dataset: str | None = None) -> list[dict[str, Any]]:
     """Metrics from a harness report JSON, as rows {metric, value, dataset, split, config}.
 
     Accepted shapes: `{"results": [{"metric": "perplexity", "value": 12.3, "dataset": "...", "split": "test"}]}`,
     `{"metrics": {"perplexity": 12.3}, "dataset": "..." | {"name": ..., "split": ...}}`, or a flat
-    `{"perplexity": 12.3, ...}`. Non-numeric entries of the flat form are skipped; no metric at all is an error.
+    `{"perplexity": 12.3, ...}`; or a training log `metrics.jsonl` (scripts/train.py), whose last
+    `{"kind": "eval", ...}` line is read. Non-numeric entries of the flat forms are skipped; no metric is an error.
     """
     path = Path(path)
     try:
-        report = json.loads(path.read_text())
+        text = path.read_text()
+        if path.suffix == ".jsonl":
+            report = _last_eval_entry(path, [json.loads(line) for line in text.splitlines() if line.strip()])
+        else:
+            report = json.loads(text)
     except FileNotFoundError:
         raise PublishError(f"--results {path}: no such file") from None
     except json.JSONDecodeError as error:

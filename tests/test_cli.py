@@ -124,6 +124,8 @@ def test_exit_status_of_the_module_is_kept(monkeypatch, capsys):
     fake_module(monkeypatch, "scripts.prepare_data", main=main)
     assert run(["prepare-data"], capsys)[0] == 3
     assert run(["prepare-data", "--bad"], capsys)[0] == 4
+    fake_module(monkeypatch, "scripts.train", main=lambda argv: {"run_dir": "runs/x"})  # a result means success
+    assert run(["train"], capsys)[0] == 0
 
 
 @pytest.mark.parametrize("command", list(cli.COMMANDS))

@@ -162,6 +162,18 @@ def test_results_report_shapes(tmp_path):
     ]
     path.write_text(json.dumps({"ppl": 3.5, "model": "tiny", "ok": True}))  # flat: numbers only, booleans skipped
     assert read_results(path, default_dataset="mine") == [{"metric": "ppl", "value": 3.5, "dataset": "mine"}]
+    log = tmp_path / "metrics.jsonl"  # scripts/train.py's log: the last evaluation counts
+    entries = [
+        {"kind": "train", "step": 10, "loss": 5.0},
+        {"kind": "eval", "step": 10, "eval_loss": 4.0, "perplexity": 54.6, "eval_tokens": 900, "samples": ["a"]},
+        {"kind": "eval", "step": 20, "eval_loss": 3.0, "perplexity": 20.1, "eval_tokens": 900, "samples": ["b"]},
+    ]
+    log.write_text("".join(json.dumps(e) + "\n" for e in entries))
+    rows = read_results(log, default_dataset="kjv")
+    assert [(r["metric"], r["value"]) for r in rows] == [("eval_loss", 3.0), ("perplexity", 20.1)]
+    log.write_text(json.dumps(entries[0]) + "\n")
+    with pytest.raises(PublishError, match="no evaluation entry"):
+        read_results(log)
 
 
 def test_upload_refuses_offline_or_without_a_token(tmp_path, monkeypatch):
