@@ -24,7 +24,6 @@ report dict. `scripts/benchmark.py` is the command line.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import datetime
 import io
@@ -87,25 +86,25 @@ class BenchSettings:
     num_layers: int = 2
     vocab_size: int = 8192
     # forward latency and training step
-    batch: int = 4
+    batch: int = 2
     seq_len: int = 128
-    train_batch: int = 2
+    train_batch: int = 1
     train_seq_len: int = 128
-    train_repeats: int = 4
+    train_repeats: int = 3
     # KV-cached greedy generation
     gen_batches: tuple[int, ...] = (1, 8)
     gen_prompt_len: int = 16
-    gen_new_tokens: int = 32
-    gen_repeats: int = 4
+    gen_new_tokens: int = 16
+    gen_repeats: int = 3
     gen_families: tuple[str, ...] = ("decoder", "encoder-decoder")
     # cost of output_attentions (decoder base model, sdpa) at this length and depth
     attn_cost_seq_len: int = 1024
-    attn_cost_layers: int = 12
+    attn_cost_layers: int = 4
     attn_cost_repeats: int = 3
     # scaling curves (decoder base models): time and memory per backend over sequence lengths
-    scaling_seq_lens: tuple[int, ...] = (128, 256, 512, 1024, 2048)
-    scaling_layers: int = 2
-    scaling_repeats: int = 3
+    scaling_seq_lens: tuple[int, ...] = (128, 256, 512, 1024)
+    scaling_layers: int = 1
+    scaling_repeats: int = 2
     scaling_memory_fraction: float = 0.5  # skip a length whose eager attention would exceed this share of free RAM
     measure_memory: bool = True
     gpu_extras: bool = True  # bf16, torch.compile, static cache, MFU (CUDA only)
@@ -132,6 +131,7 @@ class BenchSettings:
                 gen_prompt_len=64,
                 gen_new_tokens=128,
                 gen_repeats=6,
+                attn_cost_layers=12,
                 attn_cost_repeats=8,
                 scaling_seq_lens=(128, 256, 512, 1024, 2048, 4096),
                 scaling_layers=12,
@@ -140,6 +140,7 @@ class BenchSettings:
         elif mode == "tiny":  # the smoke test: seconds, structure only
             settings = cls(
                 mode="tiny",
+                threads=1,  # tiny ops: OpenMP hand-offs between threads would dominate, badly on a busy machine
                 warmup=1,
                 repeats=2,
                 hidden_size=32,
@@ -280,7 +281,12 @@ def _ours_config(settings: BenchSettings, family: str, backend: str, **overrides
 def _ref_config(settings: BenchSettings, family: str, backend: str, max_positions: int | None = None):
     from transformers import BartConfig, BertConfig, GPT2Config
 
-    width, heads, ffn, layers = settings.hidden_size, settings.num_heads, settings.intermediate_size, settings.num_layers
+    width, heads, ffn, layers = (
+        settings.hidden_size,
+        settings.num_heads,
+        settings.intermediate_size,
+        settings.num_layers,
+    )
     if family == "decoder":
         config = GPT2Config(
             vocab_size=settings.vocab_size,
@@ -358,7 +364,9 @@ def build_pair(
     ref = ref_cls(_ref_config(settings, family, backend))
     for model in (ours, ref):
         if model.config._attn_implementation != backend:
-            raise RuntimeError(f"{type(model).__name__} ran with {model.config._attn_implementation!r}, not {backend!r}")
+            raise RuntimeError(
+                f"{type(model).__name__} ran with {model.config._attn_implementation!r}, not {backend!r}"
+            )
         model.to(device)
         model.train(task == "train")
     return ours, ref
@@ -548,8 +556,13 @@ class Benchmark:
 
             return call
 
-        shape = {"batch": s.batch, "seq_len": s.seq_len, "layers": s.num_layers, "width": s.hidden_size,
-                 "vocab": s.vocab_size}
+        shape = {
+            "batch": s.batch,
+            "seq_len": s.seq_len,
+            "layers": s.num_layers,
+            "width": s.hidden_size,
+            "vocab": s.vocab_size,
+        }
         a, b = interleaved([run(ours), run(ref)], s.warmup, s.repeats, self.device)
         self.comparisons.append(compare("forward", "forward_latency_s", family, backend, shape, a, b))
         self._memory_row("forward", family, backend, shape, run(ours), run(ref))
@@ -564,9 +577,7 @@ class Benchmark:
             optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
 
             def step():
-                if family == "encoder-decoder":
-                    loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-                elif family == "decoder":
+                if family in ("decoder", "encoder-decoder"):
                     loss = model(input_ids=ids, labels=ids, use_cache=False).loss
                 else:
                     loss = model(input_ids=ids, labels=ids).loss
@@ -576,8 +587,13 @@ class Benchmark:
 
             return step
 
-        shape = {"batch": s.train_batch, "seq_len": s.train_seq_len, "layers": s.num_layers,
-                 "width": s.hidden_size, "vocab": s.vocab_size}
+        shape = {
+            "batch": s.train_batch,
+            "seq_len": s.train_seq_len,
+            "layers": s.num_layers,
+            "width": s.hidden_size,
+            "vocab": s.vocab_size,
+        }
         tokens = s.train_batch * s.train_seq_len  # target tokens (the encoder-decoder reads as many source tokens)
         ours_step, ref_step = step_fn(ours), step_fn(ref)
         a, b = interleaved([ours_step, ref_step], s.warmup, s.train_repeats, self.device)
@@ -625,13 +641,28 @@ class Benchmark:
 
             return call
 
-        shape = {"batch": batch, "prompt_len": s.gen_prompt_len, "new_tokens": s.gen_new_tokens,
-                 "layers": s.num_layers, "width": s.hidden_size, "vocab": s.vocab_size}
+        shape = {
+            "batch": batch,
+            "prompt_len": s.gen_prompt_len,
+            "new_tokens": s.gen_new_tokens,
+            "layers": s.num_layers,
+            "width": s.hidden_size,
+            "vocab": s.vocab_size,
+        }
         a, b = interleaved([run(ours), run(ref)], s.warmup, s.gen_repeats, self.device)
         note = "greedy, DynamicCache, new tokens / wall time (prefill included)"
         self.comparisons.append(
-            compare(f"generate b{batch}", "generate_tokens_per_s", family, backend, shape, a, b,
-                    work=batch * s.gen_new_tokens, note=note)
+            compare(
+                f"generate b{batch}",
+                "generate_tokens_per_s",
+                family,
+                backend,
+                shape,
+                a,
+                b,
+                work=batch * s.gen_new_tokens,
+                note=note,
+            )
         )
 
     # -- cost of output_attentions
@@ -642,8 +673,9 @@ class Benchmark:
 
         s = self.settings
         length, layers = s.attn_cost_seq_len, s.attn_cost_layers
-        config = _ours_config(s, "decoder", "sdpa", num_decoder_layers=layers,
-                              max_position_embeddings=max(1024, length))
+        config = _ours_config(
+            s, "decoder", "sdpa", num_decoder_layers=layers, max_position_embeddings=max(1024, length)
+        )
         torch.manual_seed(s.seed)
         model = modeling.CourseTransformerModel(config).to(self.device).eval()
         ids = _inputs(s, 1, length, self.device)
@@ -712,12 +744,25 @@ class Benchmark:
         max_len = max(s.scaling_seq_lens)
         for backend in backends:
             torch.manual_seed(s.seed)
-            ours = modeling.CourseTransformerModel(
-                _ours_config(s, "decoder", backend, num_decoder_layers=s.scaling_layers,
-                             max_position_embeddings=max(1024, max_len))
-            ).to(self.device).eval()
-            ref_cfg = _ref_config(dataclasses.replace(s, num_layers=s.scaling_layers), "decoder", backend,
-                                  max_positions=max(1024, max_len))
+            ours = (
+                modeling.CourseTransformerModel(
+                    _ours_config(
+                        s,
+                        "decoder",
+                        backend,
+                        num_decoder_layers=s.scaling_layers,
+                        max_position_embeddings=max(1024, max_len),
+                    )
+                )
+                .to(self.device)
+                .eval()
+            )
+            ref_cfg = _ref_config(
+                dataclasses.replace(s, num_layers=s.scaling_layers),
+                "decoder",
+                backend,
+                max_positions=max(1024, max_len),
+            )
             torch.manual_seed(s.seed)
             ref = transformers.GPT2Model(ref_cfg).to(self.device).eval()
             for length in s.scaling_seq_lens:
@@ -816,29 +861,46 @@ class Benchmark:
         ours, ref = build_pair(s, "decoder", "sdpa", "generate", self.device)
         batch = max(s.gen_batches)
         prompt = _inputs(s, batch, s.gen_prompt_len, self.device)
-        config = GenerationConfig(max_new_tokens=s.gen_new_tokens, do_sample=False, pad_token_id=0,
-                                  eos_token_id=None, cache_implementation="static")
+        config = GenerationConfig(
+            max_new_tokens=s.gen_new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+            eos_token_id=None,
+            cache_implementation="static",
+        )
         for model in (ours, ref):
             model.generation_config.eos_token_id = None
 
         def run(model):
             def call():
                 with torch.inference_mode():
-                    return model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt),
-                                          generation_config=config)
+                    return model.generate(
+                        input_ids=prompt, attention_mask=torch.ones_like(prompt), generation_config=config
+                    )
 
             return call
 
         a, b = interleaved([run(ours), run(ref)], s.warmup, s.gen_repeats, self.device)
         shape = {"batch": batch, "prompt_len": s.gen_prompt_len, "new_tokens": s.gen_new_tokens, "cache": "static"}
-        self.gpu.append(compare("static-cache generate", "generate_tokens_per_s", "decoder", "sdpa", shape, a, b,
-                                work=batch * s.gen_new_tokens))
+        self.gpu.append(
+            compare(
+                "static-cache generate",
+                "generate_tokens_per_s",
+                "decoder",
+                "sdpa",
+                shape,
+                a,
+                b,
+                work=batch * s.gen_new_tokens,
+            )
+        )
 
     def _gpu_mfu(self) -> None:
         """GPT-2-124M (12 layers, full vocabulary) training step under bf16 autocast; MFU = achieved FLOP/s over
         the device's dense bf16 peak, with FLOPs per token = 6 N + 12 L C T (nanoGPT's estimate, PaLM appendix B)."""
-        s = dataclasses.replace(self.settings, num_layers=12, vocab_size=50257, hidden_size=768, num_heads=12,
-                                intermediate_size=3072)
+        s = dataclasses.replace(
+            self.settings, num_layers=12, vocab_size=50257, hidden_size=768, num_heads=12, intermediate_size=3072
+        )
         ours, ref = build_pair(s, "decoder", "sdpa", "train", self.device)
         ids = _inputs(s, s.mfu_batch, s.mfu_seq_len, self.device)
 
@@ -856,11 +918,20 @@ class Benchmark:
 
         a, b = interleaved([step_fn(ours), step_fn(ref)], max(2, s.warmup), s.train_repeats, self.device)
         tokens = s.mfu_batch * s.mfu_seq_len
-        params = sum(p.numel() for p in ours.parameters()) - ours.model.decoder.embeddings.position_embeddings.weight.numel()
+        params = (
+            sum(p.numel() for p in ours.parameters())
+            - ours.model.decoder.embeddings.position_embeddings.weight.numel()
+        )
         flops_per_token = 6 * params + 12 * 12 * 768 * s.mfu_seq_len
         name = torch.cuda.get_device_name(self.device)
         peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
-        shape = {"batch": s.mfu_batch, "seq_len": s.mfu_seq_len, "layers": 12, "vocab": 50257, "dtype": "bf16 autocast"}
+        shape = {
+            "batch": s.mfu_batch,
+            "seq_len": s.mfu_seq_len,
+            "layers": 12,
+            "vocab": 50257,
+            "dtype": "bf16 autocast",
+        }
         row = compare("GPT-2-124M train step", "train_tokens_per_s", "decoder", "sdpa", shape, a, b, work=tokens)
         row["flops_per_token"] = flops_per_token
         row["peak_flops"] = peak
@@ -915,6 +986,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are meant to be read by others
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -930,8 +1002,15 @@ def _fmt_value(metric: str, value: float) -> str:
 
 
 def _fmt_shape(shape: dict[str, Any]) -> str:
-    short = {"batch": "B", "seq_len": "T", "layers": "L", "width": "C", "vocab": "V", "prompt_len": "P",
-             "new_tokens": "N"}
+    short = {
+        "batch": "B",
+        "seq_len": "T",
+        "layers": "L",
+        "width": "C",
+        "vocab": "V",
+        "prompt_len": "P",
+        "new_tokens": "N",
+    }
     return " ".join(f"{short.get(k, k)}={v}" for k, v in shape.items())
 
 
@@ -1103,9 +1182,7 @@ def render_plots(report: dict[str, Any], output_dir: Path) -> list[str]:
                 points = [r for r in report["scaling"] if r["backend"] == backend]
                 for who, style in (("ours", "-o"), ("ref", "--s")):
                     field = f"{who}_{key}"
-                    values = [
-                        (r[field]["median"] if key == "seconds" else (r[field] or 0) / 2**20) for r in points
-                    ]
+                    values = [(r[field]["median"] if key == "seconds" else (r[field] or 0) / 2**20) for r in points]
                     if key == "peak_bytes" and not any(values):
                         continue
                     name = "ours" if who == "ours" else "GPT2Model"
@@ -1185,7 +1262,9 @@ def run_benchmark(settings: BenchSettings, output_dir: str | os.PathLike) -> dic
     plots = render_plots(report, output_dir) if settings.plots else []
     report["files"] = ["bench.json", "bench.md", *plots]
     atomic_write_bytes(output_dir / "bench.md", render_markdown(report).encode())
-    atomic_write_bytes(output_dir / "bench.json", (json.dumps(report, indent=2, default=_json_default) + "\n").encode())
+    atomic_write_bytes(
+        output_dir / "bench.json", (json.dumps(report, indent=2, default=_json_default) + "\n").encode()
+    )
     return report
 
 

@@ -23,9 +23,13 @@ from evaluation.benchmark import BenchSettings, run_benchmark  # noqa: E402
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mode", choices=("quick", "full", "tiny"), default="quick",
-                        help="quick: reduced shapes, ~3 min on 2 CPU cores; full: GPT-2/BERT/BART-base depth; "
-                        "tiny: seconds, for smoke tests")
+    parser.add_argument(
+        "--mode",
+        choices=("quick", "full", "tiny"),
+        default="quick",
+        help="quick: reduced shapes, ~3 min on 2 CPU cores; full: GPT-2/BERT/BART-base depth; "
+        "tiny: seconds, for smoke tests",
+    )
     parser.add_argument("--output", required=True, help="folder for bench.json, bench.md and the plots")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: all CPUs)")
     parser.add_argument("--repeats", type=int, default=None, help="override the forward repetitions")
