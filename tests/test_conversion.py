@@ -210,6 +210,23 @@ def test_untied_bert_head_converts_its_own_weights():
     assert_state_dicts_bitwise_equal(to_bert(ours), reference)
 
 
+@pytest.mark.parametrize("preset, source", [("gpt2-124m", "gpt2"), ("bert-base", "bert")])
+def test_default_hf_configs_convert_to_our_presets(preset, source):
+    """Two independent definitions of the same architectures (configs/model/*.json and the converter) agree."""
+    if source == "gpt2":
+        converted = gpt2_config_to_course(GPT2Config())
+    else:
+        converted = conversion.bert_config_to_course(BertConfig(), add_pooling_layer=True)
+    expected = modeling.load_preset(preset).to_dict()
+    got = converted.to_dict()
+    ignored = {"transformers_version", "use_cache", "sep_token_id", "mask_token_id"}  # tokenizer/runtime settings
+    assert {
+        k: (expected.get(k), got.get(k))
+        for k in expected.keys() | got.keys()
+        if k not in ignored and expected.get(k) != got.get(k)
+    } == {}
+
+
 def test_dtype_and_mode_follow_the_source():
     reference = tiny_gpt2().to(torch.bfloat16)
     ours = from_gpt2(reference)
