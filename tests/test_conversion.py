@@ -197,6 +197,23 @@ def test_gpt2_left_padding_matches_with_the_same_positions():
     assert_parity(ours, reference, batch)
 
 
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_converted_gpt2_generates_the_same_tokens(padding_side):
+    """Greedy generation through the KV cache (ours) equals GPT-2's, also for a left-padded batch, where both
+    derive positions from the attention mask."""
+    reference = tiny_gpt2(GPT2LMHeadModel, seed=31)
+    ours = from_gpt2(reference)
+    batch = padded_batch(seed=2)
+    rows = torch.tensor([0, 2])  # lengths 7 (after the cut) and 4: the second row is padded
+    batch = {k: v[rows, :7] for k, v in batch.items()}
+    assert batch["attention_mask"][1].sum() == 4
+    if padding_side == "left":
+        batch = {k: v.flip(-1) for k, v in batch.items()}
+    settings = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    expected = reference.generate(**batch, **settings)
+    assert torch.equal(ours.generate(**batch, **settings), expected)
+
+
 def test_untied_bert_head_converts_its_own_weights():
     reference = tiny_bert(BertForMaskedLM, seed=29, tie_word_embeddings=False)
     # Untied, BERT keeps `cls.predictions.bias` as a separate, unused copy of `decoder.bias` (equal in every saved
