@@ -453,12 +453,14 @@ FRESH_SCRIPT = textwrap.dedent(
             continue
         raise SystemExit("package " + name + " is still importable: validation would prove nothing")
 
-    import torch
-    import transformers
-    from transformers import AutoConfig, AutoTokenizer, pipeline
+    from transformers import AutoConfig
 
     folder, task = spec["folder"], spec["task"]
-    config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=True)  # before torch: a bad config fails fast
+    import torch
+    import transformers
+    from transformers import AutoTokenizer, pipeline
+
     auto = getattr(transformers, spec["auto_class"])
     model, info = auto.from_pretrained(folder, trust_remote_code=True, output_loading_info=True)
     model.eval()
@@ -509,6 +511,7 @@ def validate_in_fresh_process(folder: str | Path, sample_text: str | None = None
     }
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSTARTUP")}
     env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONNOUSERSITE="1")
+    env.setdefault("OMP_NUM_THREADS", "1")  # a tiny forward pass; do not compete for every core
     with tempfile.TemporaryDirectory(prefix="course-transformer-validate-") as scratch:
         # a private remote-code cache: code cached by an earlier run must not stand in for this folder's
         env["HF_MODULES_CACHE"] = str(Path(scratch) / "modules")
