@@ -4,14 +4,15 @@ BERT and GPT-2 are two settings of the same config, so a conversion is a config 
 weights (nothing is re-initialised or approximated):
 
 =====================  =============================================  ==========================================
-field                  BERT (`BertModel`, `BertForMaskedLM`)            GPT-2 (`GPT2Model`, `GPT2LMHeadModel`)
+field                  BERT (`BertModel`, `BertForMaskedLM`)          GPT-2 (`GPT2Model`, `GPT2LMHeadModel`)
 =====================  =============================================  ==========================================
 architecture           encoder                                        decoder
 norm_placement         post (LN(x + sublayer(x)))                     pre (x + sublayer(LN(x))) + final LN
 position_encoding      learned                                        learned
 embedding_layer_norm   True                                           False
 type_vocab_size        from the checkpoint (2)                        0
-hidden_act             "gelu" -> gelu (erf)                           "gelu_new" -> gelu_tanh
+hidden_act             "gelu" -> gelu (erf)                           "gelu_new" -> gelu_tanh (same function,
+                                                                      float rounding differs by ~1 ulp)
 weights                nn.Linear (out, in): copied                    Conv1D (in, out): transposed; fused
                                                                       c_attn (C, 3C) split into q, k, v
 head                   transform (dense, act, LN) + lm_head, tied     lm_head without bias, tied
@@ -729,7 +730,7 @@ def main(argv: list[str] | None = None) -> int:
             converted = to_bert(source_model) if args.to_bert else to_gpt2(source_model)
         difference = max_output_difference(source_model, converted)
         save_converted(converted, args.output, tokenizer_source=path, overwrite=args.overwrite)
-    except (ValueError, TypeError, KeyError, FileNotFoundError, FileExistsError) as error:
+    except (ValueError, TypeError, KeyError, OSError) as error:  # OSError covers missing or existing folders
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(
