@@ -202,6 +202,37 @@ def usage_snippet(repo_id: str, pipeline_tag: str, auto_class: str) -> str:
     )
 
 
+def training_notes(source: Path) -> tuple[str, list[str]]:
+    """The body and tags of a model card already in `source` (scripts/train.py writes one): its title and usage
+    sections are dropped (the published card has its own), its other headings move one level down."""
+    from huggingface_hub import ModelCard
+
+    path = source / "README.md"
+    if not path.is_file():
+        return "", []
+    try:
+        card = ModelCard.load(path)
+        text, tags = card.text, list(card.data.tags or [])
+    except Exception:  # a README without valid YAML metadata: keep its text
+        text, tags = path.read_text(), []
+    kept, skipping, in_code = [], False, False
+    for line in text.splitlines():
+        if line.lstrip().startswith("```"):
+            in_code = not in_code
+        heading = None if in_code else re.match(r"^(#+)\s*(.*)$", line)
+        if heading and len(heading.group(1)) == 1:
+            skipping = False
+            continue  # the title
+        if heading:
+            skipping = re.match(r"(use|usage|how to use)\b", heading.group(2), re.IGNORECASE) is not None
+            if not skipping:
+                kept.append("#" + line)
+            continue
+        if not skipping:
+            kept.append(line)
+    return "\n".join(kept).strip(), [str(t) for t in tags]
+
+
 def build_model_card(
     config,
     model_class: str,
@@ -211,8 +242,10 @@ def build_model_card(
     datasets: list[str],
     tags: list[str],
     results: list[dict[str, Any]],
+    training_notes: str = "",
 ):
-    """A `huggingface_hub.ModelCard` with YAML metadata (license, library, pipeline tag, tags, results)."""
+    """A `huggingface_hub.ModelCard` with YAML metadata (license, library, pipeline tag, tags, results), and the
+    training run's own notes (see `training_notes`) as a Training section."""
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
     pipeline_tag, auto_class = TASKS[model_class]
@@ -261,7 +294,7 @@ def build_model_card(
         ## Usage
 
         {usage}
-        {results}
+        {results}{training}
         ## Files
 
         - `model.safetensors`: the weights (safetensors, no pickle)
@@ -286,6 +319,7 @@ def build_model_card(
         vocab=config.vocab_size,
         usage=usage_snippet(repo_id, pipeline_tag, auto_class),
         results=results_table,
+        training=f"## Training\n\n{training_notes.strip()}\n" if training_notes.strip() else "",
         code="`, `".join(CODE_FILES),
     )
     return ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n{body}")
@@ -409,8 +443,17 @@ def build_repo_folder(
         _copy_code(source, tmp)
         _write_generation_config(source, tmp, config)
         _write_tokenizer(Path(tokenizer) if tokenizer else source, tmp, config.vocab_size)
+        notes, source_tags = training_notes(source)
         card = build_model_card(
-            config, summary.model_class, summary.num_parameters, repo_id, license, list(datasets), list(tags), results
+            config,
+            summary.model_class,
+            summary.num_parameters,
+            repo_id,
+            license,
+            list(datasets),
+            list(tags) + source_tags,
+            results,
+            training_notes=notes,
         )
         card.save(tmp / "README.md")
         validation = validate_in_fresh_process(tmp, sample_text=sample_text, timeout=timeout) if validate else {}

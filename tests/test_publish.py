@@ -204,3 +204,20 @@ def test_rebuild_with_overwrite_replaces_the_folder(tmp_path):
     assert result.pipeline_tag == "fill-mask"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".repo.")]
     shutil.rmtree(output)
+
+
+def test_the_training_runs_card_becomes_the_training_section(tmp_path):
+    """scripts/train.py writes a README.md into its final folder: its notes and tags are kept, its title and
+    usage section are replaced by the published card's."""
+    source = save_source(tmp_path / "final", "decoder")
+    (source / "README.md").write_text(
+        "---\ntags: [course-transformer, causal_lm]\nlicense: apache-2.0\n---\n\n# run: a course Transformer\n\n"
+        "Trained on `bible-kjv` for 300 steps.\n\n## Validation (held-out books)\n\n| perplexity | 20.1 |\n\n"
+        "```python\n# a comment, not a heading\n```\n\n## Use\n\n```python\nAutoModel.from_pretrained(...)\n```\n"
+    )
+    build_repo_folder(source, tmp_path / "repo", "someone/run", validate=False)
+    card = ModelCard.load(tmp_path / "repo" / "README.md")
+    assert "causal_lm" in card.data.tags and card.data.pipeline_tag == "text-generation"
+    assert "## Training\n\nTrained on `bible-kjv` for 300 steps." in card.text
+    assert "### Validation (held-out books)" in card.text and "# a comment, not a heading" in card.text
+    assert "# run: a course Transformer" not in card.text and "AutoModel.from_pretrained(...)" not in card.text
