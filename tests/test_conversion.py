@@ -490,6 +490,18 @@ def test_cli_converts_folders_both_ways_atomically(tmp_path, capsys):
     assert not (tmp_path / "bert").exists()
 
 
+def test_cli_bert_masked_lm_folder_round_trip(tmp_path):
+    reference = tiny_bert(BertForMaskedLM, seed=37)
+    reference.save_pretrained(tmp_path / "bert")
+    assert conversion.main(["--from-bert", str(tmp_path / "bert"), "--output", str(tmp_path / "ours")]) == 0
+    ours = modeling.CourseTransformerForMaskedLM.from_pretrained(tmp_path / "ours", attn_implementation="eager")
+    assert ours.lm_head.weight is ours.model.encoder.embeddings.word_embeddings.weight  # re-tied on load
+    assert_parity(ours, reference, padded_batch(with_types=True))
+    assert conversion.main(["--to-bert", str(tmp_path / "ours"), "--output", str(tmp_path / "back")]) == 0
+    back = BertForMaskedLM.from_pretrained(tmp_path / "back", attn_implementation="eager")
+    assert_state_dicts_bitwise_equal(back, reference)
+
+
 def test_failed_write_leaves_no_output(tmp_path):
     def write(folder: Path) -> None:
         (folder / "partial").write_text("x")
