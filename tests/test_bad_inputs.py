@@ -292,6 +292,41 @@ def test_load_checkpoint_state_never_unpickles(tmp_path):
     assert marker.exists()
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+def test_what_transformers_from_pretrained_does_with_the_same_files(broken, tmp_path):
+    """Why the checks above exist: transformers 5.23 loads a checkpoint with a missing key (randomly initialised,
+    only logged) and refuses a malicious pickle only because torch.load runs with weights_only=True."""
+    from transformers import AutoModelForCausalLM
+
+    _edit_state(broken, lambda s: s.pop(Q_KEY))
+    model, info = AutoModelForCausalLM.from_pretrained(broken, output_loading_info=True)
+    assert info["missing_keys"] == {Q_KEY} and model is not None  # loaded, not refused
+    _pickle_instead(broken, "pytorch_model.bin")
+    with pytest.raises(Exception, match="Weights only load failed"):
+        AutoModelForCausalLM.from_pretrained(broken)
+    assert not (tmp_path / "UNPICKLED").exists()
+
+
+def test_load_pretrained_safely_loads_a_good_folder_and_refuses_a_bad_one(broken):
+    from modeling.checkpoint import load_pretrained_safely
+
+    model = load_pretrained_safely(broken)
+    assert type(model).__name__ == "CourseTransformerForCausalLM"
+    _edit_state(broken, lambda s: s.update({"lm_head.extra": torch.zeros(1)}))
+    with pytest.raises(CheckpointError, match="unexpected keys lm_head.extra"):
+        load_pretrained_safely(broken)
+
+
+def test_every_torch_load_in_the_project_is_weights_only():
+    root = Path(__file__).resolve().parent.parent
+    offenders = []
+    for path in [p for d in ("modeling", "evaluation", "scripts") for p in (root / d).rglob("*.py")]:
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if "torch.load(" in line and "weights_only=True" not in line:
+                offenders.append(f"{path.relative_to(root)}:{number}")
+    assert not offenders, offenders
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # 4. Command-line arguments
 # ---------------------------------------------------------------------------------------------------------------
