@@ -517,18 +517,21 @@ def markdown(report: dict) -> str:
         "## Per layer (ours eager vs reference eager)",
         "",
         "| layer | attention max abs diff (max over heads) | worst head | attention, real tokens only | "
-        "hidden state after layer | hidden, real tokens only |",
-        "|---|---|---|---|---|---|",
+        "hidden state after layer | hidden, real tokens only | hidden bound (max abs reference) |",
+        "|---|---|---|---|---|---|---|",
     ]
     hidden = eager["hidden_states"]
-    lines.append(f"| embeddings | – | – | – | {hidden[0]['max']:.3g} | {hidden[0]['max_real_tokens']:.3g} |")
+
+    def hidden_cells(h: dict) -> str:
+        return f"{h['max']:.3g} | {h['max_real_tokens']:.3g} | {h['bound']:.3g} ({h['reference_max_abs']:.3g}) |"
+
+    lines.append(f"| embeddings | – | – | – | {hidden_cells(hidden[0])}")
     for layer, h in zip(eager["layers"], hidden[1:]):
         per_head = layer["attention_per_head"]
         worst = max(range(len(per_head)), key=per_head.__getitem__)
         lines.append(
             f"| {layer['layer']} | {layer['attention_max']:.3g} | {worst} | "
-            f"{max(layer['attention_per_head_real_tokens']):.3g} | {h['max']:.3g} | "
-            f"{h['max_real_tokens']:.3g} |"
+            f"{max(layer['attention_per_head_real_tokens']):.3g} | {hidden_cells(h)}"
         )
     lines += ["", "## Head outputs", "", "| output | max abs diff | max abs reference | bound |", "|---|---|---|---|"]
     for name, value in eager["outputs"].items():
