@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -139,7 +140,7 @@ def read_results(path: str | Path, default_dataset: str | None = None) -> list[d
         return {"dataset": value}
 
     def number(name: str, value: Any) -> float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise PublishError(f"--results {path}: metric {name!r} has value {value!r}, expected a finite number")
         return value
 
@@ -164,7 +165,7 @@ def read_results(path: str | Path, default_dataset: str | None = None) -> list[d
         rows = [
             {"metric": k, "value": v, **top_dataset}
             for k, v in report.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
         ]
     if not rows:
         raise PublishError(f"--results {path}: no numeric metric found")
@@ -184,9 +185,13 @@ def usage_snippet(repo_id: str, pipeline_tag: str, auto_class: str) -> str:
         "fill-mask": 'pipe(f"The cat sat on the {pipe.tokenizer.mask_token}.")',
         "text2text-generation": 'pipe("The cat sat on the mat.", max_new_tokens=40)[0]["generated_text"]',
     }.get(pipeline_tag, 'pipe("The cat sat on the mat.")')
+    decoder_inputs = ""
+    if pipeline_tag == "text2text-generation":  # the decoder starts from its start token
+        decoder_inputs = ", decoder_input_ids=torch.tensor([[model.config.decoder_start_token_id]])"
     return textwrap.dedent(
         f"""\
         ```python
+        import torch
         from transformers import {auto_class}, AutoTokenizer, pipeline
 
         # the model code ships in this repository: trust_remote_code=True runs it
@@ -196,7 +201,7 @@ def usage_snippet(repo_id: str, pipeline_tag: str, auto_class: str) -> str:
         model = {auto_class}.from_pretrained("{repo_id}", trust_remote_code=True)
         tokenizer = AutoTokenizer.from_pretrained("{repo_id}", trust_remote_code=True)
         # every attention weight is returned, under every backend
-        out = model(**tokenizer("The cat sat", return_tensors="pt"), output_attentions=True)
+        out = model(**tokenizer("The cat sat", return_tensors="pt"){decoder_inputs}, output_attentions=True)
         ```
         """
     )
@@ -456,7 +461,7 @@ def build_repo_folder(
             training_notes=notes,
         )
         card.save(tmp / "README.md")
-        validation = validate_in_fresh_process(tmp, sample_text=sample_text, timeout=timeout) if validate else {}
+        validation = validate_in_fresh_process(tmp, sample_text, timeout, repo_id) if validate else {}
         _replace_dir(tmp, output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -529,16 +534,33 @@ FRESH_SCRIPT = textwrap.dedent(
     kwargs = {"text-generation": dict(do_sample=False, max_new_tokens=8),
               "text2text-generation": dict(max_new_tokens=8), "fill-mask": dict(top_k=3)}.get(task, {})
     result = pipe(text, **kwargs)
+    if spec["snippet"]:  # the model card's usage example, pointed at this folder, must run as printed
+        import contextlib, io
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):
+                exec(spec["snippet"], {})
+        except Exception as error:
+            raise SystemExit("the model card's usage snippet fails: " + type(error).__name__ + ": " + str(error))
     print(json.dumps({"model_class": type(model).__name__, "module": type(model).__module__,
                       "output_shape": list(main.shape), "task": task, "input": text,
-                      "output": json.loads(json.dumps(result, default=str))}))
+                      "output": json.loads(json.dumps(result, default=str)), "snippet_ran": bool(spec["snippet"])}))
     """
 )
 
 
-def validate_in_fresh_process(folder: str | Path, sample_text: str | None = None, timeout: float = 300) -> dict:
+def card_snippet(folder: Path, repo_id: str) -> str:
+    """The first Python block of the folder's model card, with the repository id replaced by the folder."""
+    readme = folder / "README.md"
+    match = re.search(r"```python\n(.*?)```", readme.read_text(), re.DOTALL) if readme.is_file() else None
+    return match.group(1).replace(f'"{repo_id}"', repr(str(folder))) if match else ""
+
+
+def validate_in_fresh_process(
+    folder: str | Path, sample_text: str | None = None, timeout: float = 300, repo_id: str | None = None
+) -> dict:
     """Load `folder` with `trust_remote_code=True` in a new interpreter where this package cannot be imported,
-    run a forward pass and its pipeline; return what it printed, or raise `PublishError` with its last error."""
+    run a forward pass, its pipeline and (given `repo_id`) the model card's usage snippet; return what it printed,
+    or raise `PublishError` with its last error."""
     folder = Path(folder).resolve()
     config = read_config(folder)
     class_name = (config.architectures or [None])[0]
@@ -551,6 +573,7 @@ def validate_in_fresh_process(folder: str | Path, sample_text: str | None = None
         "auto_class": auto_class,
         "sample": sample_text or DEFAULT_SAMPLE,
         "blocked": list(BLOCKED_PACKAGES),
+        "snippet": card_snippet(folder, repo_id) if repo_id else "",
     }
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSTARTUP")}
     env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONNOUSERSITE="1")
@@ -683,7 +706,8 @@ def main(argv: list[str] | None = None, api: Any = None) -> int:
         v = result.validation
         print(f"built {result.folder} ({result.pipeline_tag}); validated in a fresh process without the package:")
         origin = v["module"].split(".")[0]
-        print(f"  {v['model_class']} loaded from the folder's code ({origin}.*)")
+        snippet = "; the card's usage snippet ran" if v.get("snippet_ran") else ""
+        print(f"  {v['model_class']} loaded from the folder's code ({origin}.*){snippet}")
         print(f"  pipeline({v['task']!r})({v['input']!r}) -> {json.dumps(v['output'])}"[:300])
         if args.dry_run:
             for name, size in result.files.items():

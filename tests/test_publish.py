@@ -60,6 +60,7 @@ def test_dry_run_builds_a_folder_that_loads_without_the_package(tmp_path, capsys
     assert api.calls == []  # a dry run never reaches the Hub
     assert "dry run: nothing uploaded to someone/tiny-decoder" in out
     assert "CourseTransformerForCausalLM loaded from the folder's code (transformers_modules.*)" in out
+    assert "the card's usage snippet ran" in out
     sizes = {p.name: p.stat().st_size for p in output.iterdir()}
     for name in ("model.safetensors", "config.json", "generation_config.json", "README.md", "tokenizer.json"):
         assert f"{sizes[name]:>12,d}  {name}" in out, name
