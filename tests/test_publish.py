@@ -222,3 +222,14 @@ def test_the_training_runs_card_becomes_the_training_section(tmp_path):
     assert "## Training\n\nTrained on `bible-kjv` for 300 steps." in card.text
     assert "### Validation (held-out books)" in card.text and "# a comment, not a heading" in card.text
     assert "# run: a course Transformer" not in card.text and "AutoModel.from_pretrained(...)" not in card.text
+
+
+def test_sharded_checkpoint_is_checked_and_copied_whole(tmp_path):
+    source = tmp_path / "sharded"
+    tiny_model("decoder").save_pretrained(source, max_shard_size="30KB")
+    build_tokenizer().save_pretrained(source)
+    shards = sorted(p.name for p in source.glob("model-*.safetensors"))
+    assert len(shards) > 1
+    result = build_repo_folder(source, tmp_path / "repo", "someone/sharded", validate=False)
+    assert set(shards) | {"model.safetensors.index.json"} <= set(result.files)
+    assert "model.safetensors" not in result.files
