@@ -973,6 +973,53 @@ class Benchmark:
             self._skip(what, f"{type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}")
 
 
+def profile_forward(
+    settings: BenchSettings, family: str = "decoder", backend: str = "sdpa", task: str = "forward", row_limit: int = 20
+) -> str:
+    """torch.profiler tables (self CPU/CUDA time per op) of one forward (or training step, `task="train"`) of ours
+    and of the reference at the settings' shapes: where the time goes when a ratio misses its target."""
+    from torch.profiler import ProfilerActivity, profile
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    ours, ref = build_pair(settings, family, backend, task, device)
+    batch, length = (
+        (settings.train_batch, settings.train_seq_len) if task == "train" else (settings.batch, settings.seq_len)
+    )
+    ids = _inputs(settings, batch, length, device)
+    kwargs: dict[str, Any] = {"input_ids": ids}
+    if family == "encoder-decoder":
+        kwargs["decoder_input_ids"] = ids
+    if family != "encoder":
+        kwargs["use_cache"] = False
+    if task == "train":
+        kwargs["labels"] = ids
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sort_key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    sections = []
+    for name, model in (("ours", ours), (REFERENCE_NAMES[family], ref)):
+
+        def call(model=model):
+            if task == "train":
+                model(**kwargs).loss.backward()
+                return
+            with torch.inference_mode():
+                model(**kwargs)
+
+        for _ in range(max(1, settings.warmup)):
+            call()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with profile(activities=activities) as prof:
+                for _ in range(max(1, settings.repeats)):
+                    call()
+                _sync(device)
+        table = prof.key_averages().table(sort_by=sort_key, row_limit=row_limit)
+        sections.append(
+            f"## {name}: {family} {task}, {backend}, B={batch} T={length}, {settings.repeats} calls\n\n{table}"
+        )
+    return "\n\n".join(sections)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Report: JSON, Markdown, plots, all written atomically
 # --------------------------------------------------------------------------------------------------------------

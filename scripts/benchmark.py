@@ -18,7 +18,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Runnable from a checkout whose editable install predates the `evaluation` package.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from evaluation.benchmark import BenchSettings, run_benchmark  # noqa: E402
+import torch  # noqa: E402
+
+from evaluation.benchmark import BenchSettings, atomic_write_bytes, profile_forward, run_benchmark  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,6 +37,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=None, help="override the forward repetitions")
     parser.add_argument("--families", nargs="+", choices=("decoder", "encoder", "encoder-decoder"), default=None)
     parser.add_argument("--no-plots", action="store_true")
+    parser.add_argument(
+        "--profile",
+        choices=("decoder", "encoder", "encoder-decoder"),
+        default=None,
+        help="instead of the benchmark, write torch.profiler tables of ours vs HF for this family "
+        "(forward and training step) into OUTPUT/profile_<family>.txt",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
@@ -43,7 +52,19 @@ def main(argv: list[str] | None = None) -> int:
         overrides["repeats"] = args.repeats
     if args.families:
         overrides["families"] = tuple(args.families)
-    report = run_benchmark(BenchSettings.preset(args.mode, **overrides), args.output)
+    settings = BenchSettings.preset(args.mode, **overrides)
+    if args.profile:
+        torch.set_num_threads(settings.threads or os.cpu_count() or 1)
+        text = "\n\n".join(
+            profile_forward(settings, args.profile, backend, task)
+            for task in ("forward", "train")
+            for backend in ("sdpa", "eager")
+        )
+        path = Path(args.output) / f"profile_{args.profile.replace('-', '_')}.txt"
+        atomic_write_bytes(path, text.encode())
+        print(f"profile: {path}")
+        return 0
+    report = run_benchmark(settings, args.output)
     summary = report["summary"]
     print(
         f"{report['wall_seconds']:.1f} s; targets met {summary['met']}/{summary['with_target']}; "
