@@ -430,7 +430,7 @@ def build_repo_folder(
     config = read_config(source)
     if summary.model_class not in TASKS:
         raise PublishError(f"{source}/config.json: no pipeline for architecture {summary.model_class}")
-    pipeline_tag, auto_class = TASKS[summary.model_class]
+    pipeline_tag = TASKS[summary.model_class][0]
     results = read_results(results_file, (list(datasets) or [None])[0]) if results_file else []
 
     output.parent.mkdir(parents=True, exist_ok=True)
