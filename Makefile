@@ -19,3 +19,7 @@ lint:
 format:
 	ruff format .
 	ruff check --fix .
+
+# The CPU demo (a few minutes on 2 cores): data -> tokenizer -> tiny decoder -> save -> reload -> generate.
+demo: install
+	HF_HUB_OFFLINE=1 $(PYTHON) -m scripts.demo

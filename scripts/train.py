@@ -197,11 +197,12 @@ def save_final(model, tokenizer, config: TrainConfig, accelerator, metrics_path:
     """Unwrapped model (safetensors + code for remote loading) + tokenizer + model card, renamed into place."""
     final = Path(config.run_dir) / "final"
     accelerator.wait_for_everyone()
+    state_dict = accelerator.get_state_dict(model)  # collective: gathers full tensors under FSDP
     if accelerator.is_main_process:
         tmp = Path(config.run_dir) / ".tmp-final"
         shutil.rmtree(tmp, ignore_errors=True)
         unwrapped = accelerator.unwrap_model(model)
-        unwrapped.save_pretrained(str(tmp))
+        unwrapped.save_pretrained(str(tmp), state_dict=state_dict)
         tokenizer.save_pretrained(str(tmp))
         num_parameters = sum(p.numel() for p in unwrapped.parameters())
         card = model_card(config, unwrapped.config, read_metrics(metrics_path), num_parameters)
