@@ -36,7 +36,7 @@ def run_evaluation_harness(final_dir: Path) -> dict | None:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="data/bible", help="data folder (gitignored)")
-    parser.add_argument("--max-train", type=int, default=12000, help="training verses kept by the data step")
+    parser.add_argument("--max-train", type=int, default=24000, help="training verses kept by the data step")
     parser.add_argument("--max-eval", type=int, default=1000, help="validation/test verses kept")
     parser.add_argument("--config", default=DEMO_CONFIG)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="TrainConfig override")
