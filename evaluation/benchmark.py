@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import importlib.util
 import io
 import json
 import logging
@@ -513,7 +514,7 @@ class Benchmark:
                 else:
                     self._skip("backend flash_attention_2", "needs CUDA and the flash-attn package")
             elif backend == "flex_attention":
-                if self.device.type == "cuda" and hasattr(torch.nn.attention, "flex_attention"):
+                if self.device.type == "cuda" and importlib.util.find_spec("torch.nn.attention.flex_attention"):
                     usable.append(backend)
                 else:
                     self._skip("backend flex_attention", "measured on CUDA only (compiled kernel)")
