@@ -684,7 +684,8 @@ def render_markdown(report: dict) -> str:
             "",
             f"Word-level Jensen-Shannon divergence (0 = identical, ln 2 = 0.69 = disjoint), {agreement['matcher']} "
             f"matching: mean over matched pairs {agreement['mean_matched_js']:.3f}, over all pairs "
-            f"{agreement['mean_js']:.3f}.",
+            f"{agreement['mean_js']:.3f}. Heads matched to the same layer-head: "
+            f"{sum(m['a'] == m['b'] for m in agreement['matching'])} of {len(agreement['matching'])}.",
             "",
             "| head (this model) | matched head | JS |",
             "|---|---|---:|",
@@ -705,8 +706,11 @@ def _jsonable(report: dict) -> dict:
     return out
 
 
-def write_report(report: dict, output: str | Path, overwrite: bool = False) -> Path:
-    """report.json, report.md and the figures, written into a temporary folder renamed to `output` at the end."""
+def write_report(
+    report: dict, output: str | Path, overwrite: bool = False, extra_files: dict[str, str] | None = None
+) -> Path:
+    """report.json, report.md, the figures and `extra_files` (name -> text), written into a temporary folder that
+    is renamed to `output` at the end: readers never see a half-written report."""
     from modeling.conversion import atomic_write_dir
 
     report["written"] = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
@@ -715,8 +719,15 @@ def write_report(report: dict, output: str | Path, overwrite: bool = False) -> P
         report["figures"] = write_figures(report, folder)
         (folder / "report.json").write_text(json.dumps(_jsonable(report), indent=1) + "\n")
         (folder / "report.md").write_text(render_markdown(report))
+        for name, text in (extra_files or {}).items():
+            (folder / name).write_text(text)
 
     return atomic_write_dir(output, write, overwrite=overwrite)
+
+
+def as_output_attentions(attention) -> tuple[torch.Tensor, ...]:
+    """(L, H, n, n) array -> the `output_attentions` layout: one (1, H, n, n) tensor per layer."""
+    return tuple(torch.as_tensor(np.asarray(layer))[None] for layer in attention)
 
 
 def bertviz_html(attention, tokens: list[str], view: str = "head") -> str | None:
