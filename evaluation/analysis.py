@@ -245,7 +245,9 @@ def whitespace_word_ids(text: str, offsets, special) -> np.ndarray:
 
 
 def _attention_outputs(model, batch: dict):
-    inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+    inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask")}
+    if "token_type_ids" in batch and getattr(model.config, "type_vocab_size", 0):  # BERT segments A/B
+        inputs["token_type_ids"] = batch["token_type_ids"]
     if getattr(model.config, "is_encoder_decoder", False):
         inputs["decoder_input_ids"] = inputs["input_ids"][:, :1]
     out = model(**inputs, output_attentions=True)
@@ -329,6 +331,12 @@ def head_measures(
         distance = distance + distance_mod.distance_sums(record.attention)[0]
         per_text.append(targets_mod.target_sums(record.attention, record.tokens, None, cls_token, sep_token))
     entropy, distance = entropy / count, distance / count  # (L, H)
+    targets = targets_mod.combine(per_text)
+    for name, token in (("cls", cls_token), ("sep", sep_token)):
+        if token is None:  # e.g. GPT-2 / Llama tokenizers: report "no such token", not zero attention
+            targets[name] = None
+    if causal:
+        targets["next"] = None  # a causal model cannot look ahead: always 0
     num_layers, num_heads = entropy.shape
     return {
         "num_layers": num_layers,
@@ -342,7 +350,7 @@ def head_measures(
             "uniform_entropy": uniform / count,
         },
         "distance": {"scores": distance.tolist(), "layer_mean": distance.mean(-1).tolist()},
-        "targets": targets_mod.combine(per_text),
+        "targets": targets,
     }
 
 
@@ -651,10 +659,13 @@ def render_markdown(report: dict) -> str:
         f"| best previous-token head | {bp['head']}: {bp['score']:.2f}; heads > 0.5: "
         f"{', '.join(clark['heads_previous_over_50']) or 'none'} | {paper['previous_next']} |"
     )
-    lines.append(
-        f"| best next-token head | {bn['head']}: {bn['score']:.2f}; heads > 0.5: "
-        f"{', '.join(clark['heads_next_over_50']) or 'none'} | (same) |"
-    )
+    if bn is None:
+        lines.append("| best next-token head | - (causal model) | (same) |")
+    else:
+        lines.append(
+            f"| best next-token head | {bn['head']}: {bn['score']:.2f}; heads > 0.5: "
+            f"{', '.join(clark['heads_next_over_50']) or 'none'} | (same) |"
+        )
     lines.append(f"| [SEP] -> [SEP] attention | {_fmt(clark['sep_to_sep_mean'])} | {paper['sep_to_sep']} |")
     lines.append(f"| [SEP] by layer | see table above | {paper['sep']} |")
     lines.append(f"| [CLS] by layer | see table above | {paper['cls']} |")
