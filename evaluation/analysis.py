@@ -452,8 +452,10 @@ def analyze_model(
 ) -> dict:
     """All measures for one model: a JSON-ready dict (see docs/attention_analysis.md)."""
     texts = list(texts or SENTENCES)
-    if pairs is None:  # BERT-style tokenizers get the paper's [CLS] A [SEP] B [SEP] inputs
-        pairs = tokenizer.cls_token is not None and tokenizer.sep_token is not None and len(texts) >= 2
+    if pairs is None:  # BERT-style encoders get the paper's [CLS] A [SEP] B [SEP] inputs
+        decoder = getattr(model.config, "architecture", None) == "decoder" or "CausalLM" in type(model).__name__
+        has_specials = tokenizer.cls_token is not None and tokenizer.sep_token is not None
+        pairs = has_specials and not decoder and len(texts) >= 2
     records = collect_attentions(model, tokenizer, texts, pairs=pairs)
     measures = head_measures(records, cls_token=tokenizer.cls_token, sep_token=tokenizer.sep_token)
     report = {
