@@ -218,6 +218,7 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
+    config.validate()  # also for configs built in Python: fail before any data or model is touched
     accelerator = Accelerator(mixed_precision=resolve_mixed_precision(config.mixed_precision))
     set_seed(config.seed)
     run_dir = Path(config.run_dir)
