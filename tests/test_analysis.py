@@ -313,6 +313,25 @@ def test_cli_on_ours_tiny(tmp_path, capsys):
     assert "neither" in capsys.readouterr().err
 
 
+def test_visualize_cli_on_ours_tiny(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("visualize_attention", "scripts/visualize_attention.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    text = "the pizza came out of the oven and it tasted good"
+    out = tmp_path / "pizza.png"
+    assert (
+        cli.main(["--model", "ours-tiny", "--text", text, "--query", "it", "--key", "pizza", "--output", str(out)])
+        == 0
+    )
+    assert out.stat().st_size > 1000
+    assert "attends most to" in capsys.readouterr().out
+    out = tmp_path / "layer.png"
+    assert cli.main(["--model", "ours-tiny", "--text", text, "--layer", "2", "--output", str(out)]) == 0
+    assert out.stat().st_size > 1000
+    assert cli.main(["--model", "ours-tiny", "--text", text, "--layer", "9", "--output", str(out)]) == 2
+    assert cli.main(["--model", "ours-tiny", "--text", text, "--query", "zebra", "--output", str(out)]) == 2
+
+
 # --------------------------------------------------------------------------------------------------------------
 # BertViz
 # --------------------------------------------------------------------------------------------------------------
@@ -331,9 +350,7 @@ def test_bertviz_accepts_our_outputs_unchanged(tokenizer):
     view = bertviz.model_view(attentions, tokens, html_action="return")
     for html in (head, view):
         assert "<script" in html.data and "mat" in html.data
-    assert analysis.bertviz_html(attentions, tokens) == head.data or "<script" in analysis.bertviz_html(
-        attentions, tokens
-    )
+    assert "<script" in analysis.bertviz_html(attentions, tokens)
 
 
 # --------------------------------------------------------------------------------------------------------------
