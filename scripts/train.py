@@ -105,7 +105,7 @@ def generation_config_for(config: TrainConfig, mc):
 
     return GenerationConfig(
         do_sample=False,
-        max_new_tokens=config.block_size if config.objective == "seq2seq" else config.sample_max_new_tokens,
+        max_new_tokens=config.block_size if config.objective == "seq2seq" else (config.sample_max_new_tokens or 64),
         bos_token_id=mc.bos_token_id,
         eos_token_id=mc.eos_token_id,
         pad_token_id=mc.pad_token_id,

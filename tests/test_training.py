@@ -207,3 +207,41 @@ def test_batcher_is_deterministic_and_shards_disjointly():
     again = Batcher(50, batch_size=4, seed=3, rank=1, world_size=2)
     assert torch.equal(again.indices(7), ranks[1].indices(7))  # step 7 is in epoch 1, recomputed identically
     assert not torch.equal(ranks[0].indices(0), ranks[0].indices(6))  # a new order each epoch
+
+
+@pytest.mark.slow
+def test_two_process_data_parallel_on_cpu_matches_one_process(corpus, tmp_path):
+    """`accelerate launch` with 2 gloo processes x batch 4 takes the same steps as 1 process x batch 8."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from scripts.training_lib import save_config
+
+    fields = dict(max_steps=4, eval_at_start=False, sample_max_new_tokens=0)
+    train(tiny(corpus, tmp_path / "one", batch_size=8, **fields))
+    save_config(tiny(corpus, tmp_path / "two", batch_size=4, **fields), tmp_path / "two.yaml")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    command += ["--num_cpu_threads_per_process", "1", "--main_process_port", port, "--mixed_precision", "no"]
+    command += [
+        "--num_machines",
+        "1",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "scripts.train",
+        "--config",
+        str(tmp_path / "two.yaml"),
+    ]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1"}  # without it: 2 unrelated runs
+    repo = Path(__file__).resolve().parent.parent
+    done = subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "2 process(es)" in done.stdout + done.stderr
+    assert train_losses(tmp_path / "two") == pytest.approx(train_losses(tmp_path / "one"), rel=1e-5)
+    assert (tmp_path / "two" / "final" / "model.safetensors").is_file()
