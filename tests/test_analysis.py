@@ -299,6 +299,34 @@ def test_encoder_of_ours_is_bidirectional_and_skips_induction(tokenizer):
     assert "skipped" in report["induction"]
 
 
+@pytest.mark.parametrize("family", ["bert", "gpt2", "llama"])
+def test_hugging_face_models_are_analysed_alike(tokenizer, family):
+    """Any model that returns eager attention weights works: tiny random BERT, GPT-2 and Llama."""
+    import transformers
+
+    size = dict(vocab_size=len(tokenizer), hidden_size=32, num_attention_heads=4, num_hidden_layers=2)
+    if family == "bert":
+        config = transformers.BertConfig(intermediate_size=64, pad_token_id=tokenizer.pad_token_id, **size)
+        cls = transformers.BertModel
+    elif family == "gpt2":
+        config = transformers.GPT2Config(
+            n_embd=32, n_head=4, n_layer=2, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id
+        )
+        cls = transformers.GPT2LMHeadModel
+    else:
+        config = transformers.LlamaConfig(intermediate_size=64, num_key_value_heads=2, **size)
+        cls = transformers.LlamaForCausalLM
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = cls(config).eval()
+    report = analysis.analyze_model(
+        model, tokenizer, texts=["a cat sat on the mat .", "the dog ran ."], induction_period=6, induction_sequences=1
+    )
+    assert (report["num_layers"], report["num_heads"]) == (2, 4)
+    assert report["causal"] == (family != "bert")
+    assert ("scores" in report["induction"]) == (family != "bert")
+
+
 def test_cli_on_ours_tiny(tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("analyze_attention", "scripts/analyze_attention.py")
     cli = importlib.util.module_from_spec(spec)
