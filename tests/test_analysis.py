@@ -8,6 +8,7 @@ import importlib.util
 import json
 import math
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from conftest import WORDS, tiny_model
 
 from evaluation import analysis
 
+SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 entropy_mod = analysis.metric_module("attention_entropy")
 distance_mod = analysis.metric_module("attention_distance")
 targets_mod = analysis.metric_module("attention_targets")
@@ -328,7 +330,7 @@ def test_hugging_face_models_are_analysed_alike(tokenizer, family):
 
 
 def test_cli_on_ours_tiny(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("analyze_attention", "scripts/analyze_attention.py")
+    spec = importlib.util.spec_from_file_location("analyze_attention", SCRIPTS / "analyze_attention.py")
     cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cli)
     out = tmp_path / "ours-tiny"
@@ -342,7 +344,7 @@ def test_cli_on_ours_tiny(tmp_path, capsys):
 
 
 def test_visualize_cli_on_ours_tiny(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("visualize_attention", "scripts/visualize_attention.py")
+    spec = importlib.util.spec_from_file_location("visualize_attention", SCRIPTS / "visualize_attention.py")
     cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cli)
     text = "the pizza came out of the oven and it tasted good"
