@@ -183,6 +183,17 @@ def weight_files(folder: str | Path) -> tuple[list[Path], dict[str, str] | None]
     raise CheckpointError(f"{folder}: no {SAFE_WEIGHTS_NAME} (or {SAFE_WEIGHTS_INDEX_NAME}) in this folder")
 
 
+def read_json_object(path: Path, error: type[Exception] = ValueError) -> dict:
+    """A JSON file that must hold an object; `error` (naming the file) for invalid JSON or another JSON type."""
+    try:
+        fields = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise error(f"{path}: invalid JSON ({err})") from None
+    if not isinstance(fields, dict):
+        raise error(f"{path}: expected a JSON object, got {type(fields).__name__}")
+    return fields
+
+
 def read_config(folder: str | Path):
     """The folder's `config.json` as a validated `CourseTransformerConfig`; errors name the file."""
     from .configuration_course_transformer import CourseTransformerConfig
@@ -190,12 +201,7 @@ def read_config(folder: str | Path):
     path = Path(folder) / CONFIG_NAME
     if not path.is_file():
         raise CheckpointError(f"{path}: missing (a saved model folder has config.json)")
-    try:
-        fields = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise CheckpointError(f"{path}: invalid JSON ({error})") from None
-    if not isinstance(fields, dict):
-        raise CheckpointError(f"{path}: expected a JSON object, got {type(fields).__name__}")
+    fields = read_json_object(path, CheckpointError)
     model_type = fields.get("model_type")
     if model_type != CourseTransformerConfig.model_type:
         raise CheckpointError(

@@ -145,13 +145,16 @@ def eager_attention_forward(
     """softmax(Q Kᵀ / sqrt(d_k) + mask) V, with Q (B, H, T, D) and K, V (B, H, S, D).
 
     Returns the output in (B, T, H, D) layout, as transformers' kernels do, and the weights (B, H, T, S)."""
-    scores = torch.matmul(query, key.transpose(-1, -2)) * scaling  # (B, H, T, S)
+    # The scores tensor is fresh, so scaling and masking run in place: two fewer (B, H, T, S) allocations, and
+    # the same operations in the same order as the textbook formula (bit-identical results; autograd is
+    # unaffected because matmul's backward needs its inputs, not its output).
+    scores = torch.matmul(query, key.transpose(-1, -2)).mul_(scaling)  # (B, H, T, S)
     if attention_mask is not None:
-        scores = scores + attention_mask  # additive bias: 0 or finfo.min (+ ALiBi)
+        scores.add_(attention_mask)  # additive bias: 0 or finfo.min (+ ALiBi), broadcast from (B|1, H|1, T, S)
     elif module.is_causal and query.shape[2] > 1:
         # No explicit mask means "causal only": the kernels use is_causal=True, so eager must too.
         allowed = causal_mask(query.shape[2], key.shape[2], query.device)  # (1, 1, T, S)
-        scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+        scores.masked_fill_(~allowed, torch.finfo(scores.dtype).min)
     # Softmax in fp32 so that bf16/fp16 runs return probabilities that sum to 1.
     weights = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)  # (B, H, T, S)
     weights = F.dropout(weights, p=dropout, training=module.training)
@@ -410,6 +413,29 @@ def _check_ids(name: str, ids: torch.Tensor, limit: int, field: str) -> None:
         raise ValueError(f"{name} contains {bad}, outside [0, {limit}) allowed by config.{field}={limit}")
 
 
+def _check_token_labels(labels: torch.Tensor | None, inputs: torch.Tensor | None, name: str = "input_ids") -> None:
+    """Per-token labels must line up with the tokens: a mismatch would otherwise surface as an opaque error deep
+    in the loss (or, worse, broadcast silently)."""
+    if labels is None or inputs is None:
+        return
+    expected = tuple(inputs.shape[:2])
+    if tuple(labels.shape) != expected:
+        raise ValueError(f"labels has shape {tuple(labels.shape)}, expected the shape of {name} {expected}")
+    if labels.dtype not in (torch.long, torch.int):
+        raise TypeError(f"labels must be an integer tensor (torch.long; -100 = ignored), got {labels.dtype}")
+
+
+def _check_attention_layers(attention_layers: Sequence[int] | None, num_layers: int, stack: str) -> None:
+    if attention_layers is None:
+        return
+    for index in attention_layers:
+        if isinstance(index, bool) or not isinstance(index, int) or not -num_layers <= index < num_layers:
+            raise ValueError(
+                f"attention_layers contains {index!r}; the {stack} has {num_layers} layers, so allowed indices "
+                f"are {-num_layers} .. {num_layers - 1}"
+            )
+
+
 def _layer_selected(layer_idx: int, attention_layers: Sequence[int] | None, num_layers: int) -> bool:
     if attention_layers is None:
         return True
@@ -499,8 +525,15 @@ class CourseTransformerStack(nn.Module):
             if input_ids.dim() != 2:
                 raise ValueError(f"{name} must have shape (batch, length), got {tuple(input_ids.shape)}")
             _check_ids(name, input_ids, config.vocab_size, "vocab_size")
+        if inputs_embeds is not None and (inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != config.hidden_size):
+            raise ValueError(
+                f"inputs_embeds must have shape (batch, length, config.hidden_size={config.hidden_size}), "
+                f"got {tuple(inputs_embeds.shape)}"
+            )
         batch, length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
         device = (input_ids if input_ids is not None else inputs_embeds).device
+        stack = "decoder" if self.is_decoder else "encoder"
+        _check_attention_layers(attention_layers, len(self.layers), stack)
 
         use_cache = use_cache if use_cache is not None else (config.use_cache and self.is_decoder)
         if not self.is_decoder:
@@ -517,12 +550,30 @@ class CourseTransformerStack(nn.Module):
                 f"attention_mask has shape {tuple(attention_mask.shape)}, expected (batch, cached + new length) = "
                 f"{(batch, past_length + length)}"
             )
+        if (
+            attention_mask is not None
+            and attention_mask.dtype != torch.bool
+            and bool(((attention_mask != 0) & (attention_mask != 1)).any())
+        ):
+            bad = attention_mask[(attention_mask != 0) & (attention_mask != 1)][0].item()
+            raise ValueError(
+                f"attention_mask contains {bad}; allowed values are 1 (attend) and 0 (padding). For an additive "
+                "bias or a custom pattern, mask the scores instead"
+            )
         if token_type_ids is not None:
             if config.type_vocab_size == 0:
                 raise ValueError("token_type_ids given, but config.type_vocab_size=0 (the model has no token types)")
             _check_ids("token_type_ids", token_type_ids, config.type_vocab_size, "type_vocab_size")
         if position_ids is None:
             position_ids = default_position_ids(attention_mask, past_length, length, device)
+        else:
+            if position_ids.dim() != 2 or position_ids.shape[0] not in (1, batch) or position_ids.shape[1] != length:
+                raise ValueError(
+                    f"position_ids must have shape (batch or 1, length) = ({batch} or 1, {length}), "
+                    f"got {tuple(position_ids.shape)}"
+                )
+            if config.position_encoding in ("learned", "sinusoidal"):
+                _check_ids("position_ids", position_ids, config.max_position_embeddings, "max_position_embeddings")
         if (
             config.position_encoding in ("learned", "sinusoidal")
             and past_length + length > config.max_position_embeddings
@@ -825,6 +876,7 @@ class CourseTransformerForCausalLM(CourseTransformerPreTrainedModel, GenerationM
         return_dict: bool | None = None,
         **kwargs,
     ) -> CausalLMOutputWithCrossAttentions:
+        _check_token_labels(labels, input_ids if input_ids is not None else inputs_embeds)
         out = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -1001,6 +1053,7 @@ class CourseTransformerForMaskedLM(CourseTransformerPreTrainedModel):
         return_dict: bool | None = None,
         **kwargs,
     ) -> MaskedLMOutput:
+        _check_token_labels(labels, input_ids if input_ids is not None else inputs_embeds)
         out = _encoder_like(
             self.model,
             input_ids=input_ids,
@@ -1135,6 +1188,7 @@ class CourseTransformerForTokenClassification(CourseTransformerPreTrainedModel):
         return_dict: bool | None = None,
         **kwargs,
     ) -> TokenClassifierOutput:
+        _check_token_labels(labels, input_ids if input_ids is not None else inputs_embeds)
         out = _encoder_like(
             self.model,
             input_ids=input_ids,

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-import json
+import dataclasses
+import difflib
 from pathlib import Path
 from typing import Any
 
+from .checkpoint import read_json_object
 from .configuration_course_transformer import CourseTransformerConfig
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs" / "model"
@@ -27,7 +29,15 @@ def load_preset(name_or_path: str, **overrides: Any) -> CourseTransformerConfig:
         path = PRESET_DIR / f"{name_or_path}.json"
     if not path.is_file():
         raise ValueError(f"preset {name_or_path!r} not found; available presets: {', '.join(list_presets())}")
-    fields = json.loads(path.read_text())
+    fields = read_json_object(path)
     fields.pop("_comment", None)
     fields.update(overrides)
+    # A preset is written by hand, so a misspelt field would silently fall back to its default; the config
+    # itself must keep accepting extra attributes (saved folders carry some), so the check lives here.
+    known = {field.name for field in dataclasses.fields(CourseTransformerConfig)} | {"output_attentions"}
+    for name in fields:
+        if name not in known:
+            close = difflib.get_close_matches(name, sorted(known), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"preset file {path}: unknown field {name!r}{hint} (not a CourseTransformerConfig field)")
     return CourseTransformerConfig(**fields)
