@@ -6,7 +6,9 @@
 3. `scripts.train` with `configs/train/demo-cpu.yaml`: a tiny decoder (~1 M parameters), evaluated before and
    after training (validation loss in nats/token and bits per byte), checkpointed, saved with `save_pretrained`.
 4. Reload through `AutoModelForCausalLM.from_pretrained` and greedy generation with `pipeline("text-generation")`.
-5. The evaluation harness hook (`run_evaluation_harness`), where the course's evaluation plugs in.
+5. The evaluation harness (`run_evaluation_harness`): parity of our attention with Hugging Face's BERT and GPT-2
+   (bert-tiny, gpt2-tiny and the real all-MiniLM-L6-v2 when installed), and the attention report of the trained
+   model (Clark et al. measures, induction score), all under `runs/demo/evaluation`.
 
     python -m scripts.demo                       # everything under data/bible and runs/demo
     python -m scripts.demo --set max_steps=100   # any TrainConfig override
@@ -15,7 +17,10 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -26,11 +31,69 @@ DEMO_CONFIG = "configs/train/demo-cpu.yaml"
 PROMPTS = ["And God said", "In the beginning"]
 
 
-def run_evaluation_harness(final_dir: Path) -> dict | None:
-    """HOOK for the evaluation harness (to be added by the evaluation work): it will receive the saved model
-    folder and return its results. It currently runs nothing and says so."""
-    print(f"[evaluation harness] not plugged in yet: nothing was run on {final_dir}", flush=True)
-    return None
+PARITY_REFERENCES = ("bert-tiny", "gpt2-tiny")  # random tiny BERT and GPT-2: seconds each
+
+
+def parity_references() -> list[str]:
+    """The tiny references, and the real all-MiniLM-L6-v2 when its package is installed (`make install` does)."""
+    from evaluation.parity import MINILM_PACKAGE, MINILM_REQUIREMENT
+
+    if importlib.util.find_spec(MINILM_PACKAGE) is not None:
+        return [*PARITY_REFERENCES, "bert-minilm"]
+    print(f"[evaluation harness] bert-minilm skipped: {MINILM_REQUIREMENT} is not installed", flush=True)
+    return list(PARITY_REFERENCES)
+
+
+def run_evaluation_harness(
+    final_dir: Path, output_dir: Path | None = None, references: list[str] | None = None
+) -> dict:
+    """The evaluation harness on the demo: (a) parity of our attention with Hugging Face's BERT and GPT-2
+    (`evaluation.parity`: each reference converted to our model, every layer and head compared, round trips);
+    (b) the attention report of the trained model in `final_dir` (`evaluation.analysis`: Clark et al. measures,
+    induction score). Everything goes under `output_dir` (default `<run_dir>/evaluation`), with a summary in
+    `harness.json`; `passed` is False when a parity check fails or cannot run.
+    """
+    from evaluation import analysis, parity
+
+    final_dir = Path(final_dir)
+    output_dir = Path(output_dir) if output_dir is not None else final_dir.parent / "evaluation"
+    results: dict = {"output_dir": str(output_dir), "parity": {}}
+    for name in parity_references() if references is None else references:
+        folder = output_dir / "parity" / Path(name).name
+        code = parity.main(["--reference", name, "--output", str(folder)])  # prints its one-line verdict
+        entry = {"exit_code": code, "passed": code == 0, "folder": str(folder)}
+        if code != 2:  # 2: a step failed before anything was compared (the message is on stderr)
+            report = json.loads((folder / "parity.json").read_text())
+            entry["max_abs_diff"] = report["eager"]["max_abs_diff"]
+            entry["attention_max_abs_diff"] = max(layer["attention_max"] for layer in report["eager"]["layers"])
+            entry["round_trip_exact"] = report["round_trip"]["passed"]
+        results["parity"][name] = entry
+
+    model, tokenizer, _ = analysis.load_named_model(str(final_dir))  # eager attention: the weights come back
+    # Induction inputs are [BOS] + a random block repeated twice: they must fit the model's positions.
+    period = min(40, (model.config.max_position_embeddings - 1) // 2)
+    report = analysis.analyze_model(model, tokenizer, label=f"demo model ({final_dir})", induction_period=period)
+    folder = analysis.write_report(report, output_dir / "attention", overwrite=True)
+    induction, previous = report["induction"], report["clark"]["best_previous"]
+    best = induction["best"]
+    results["attention"] = {
+        "folder": str(folder),
+        "induction_best_head": f"{best['layer'] + 1}-{best['head'] + 1}",
+        "induction_score": best["score"],
+        "induction_chance": induction["chance"],
+        "induction_period": period,
+        "best_previous_token_head": previous["head"],
+        "previous_token_score": previous["score"],
+    }
+    results["passed"] = all(entry["passed"] for entry in results["parity"].values())
+    (output_dir / "harness.json").write_text(json.dumps(results, indent=1) + "\n")
+    print(
+        f"[evaluation harness] attention of {final_dir}: induction score {best['score']:.3f} (head "
+        f"{results['attention']['induction_best_head']}, chance {induction['chance']:.3f}), previous-token head "
+        f"{previous['head']} {previous['score']:.2f} -> {folder / 'report.md'}",
+        flush=True,
+    )
+    return results
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -90,7 +153,7 @@ def main(argv: list[str] | None = None) -> dict:
         generations.append(text)
         print(f"  {prompt!r} -> {text!r}", flush=True)
 
-    print("== 5/5 evaluation harness", flush=True)
+    print("== 5/5 evaluation harness: attention parity with BERT / GPT-2, attention report of this model", flush=True)
     harness = run_evaluation_harness(final)
 
     before, after = result["first_eval"], result["last_eval"]
@@ -100,13 +163,25 @@ def main(argv: list[str] | None = None) -> dict:
     if before is not None and after is not None:
         for key, label in (("eval_loss", "validation loss (nats/token)"), ("bits_per_byte", "bits per byte")):
             print(f"  {label:29s} {before[key]:.3f} before -> {after[key]:.3f} after training")
+    for name, entry in harness["parity"].items():
+        verdict = "PASS" if entry["passed"] else f"FAIL (exit status {entry['exit_code']})"
+        diff = f"max abs diff {entry['max_abs_diff']:.3g}" if "max_abs_diff" in entry else "not compared"
+        print(f"  parity {name:22s} {verdict}, {diff} -> {entry['folder']}/parity.md")
+    attention = harness["attention"]
+    print(
+        f"  induction score              {attention['induction_score']:.3f} (best head "
+        f"{attention['induction_best_head']}, chance {attention['induction_chance']:.3f}) -> {attention['folder']}"
+    )
     print(f"  data:         {paths['english']}")
     print(f"  tokenizer:    {tokenizer_dir}")
     print(f"  run folder:   {result['run_dir']} (train_config.yaml, metrics.jsonl, loss.png, checkpoints/)")
     print(f"  final model:  {final} (load with AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True))")
+    print(f"  evaluation:   {harness['output_dir']} (harness.json, parity/, attention/)")
     print(f"  total time:   {elapsed:.0f} s (training {result['elapsed_s']:.0f} s)")
+    if not harness["passed"]:
+        print("  PARITY FAILED: see the reports above", flush=True)
     return {**result, "generations": generations, "harness": harness, "total_s": elapsed}
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(0 if main()["harness"]["passed"] else 1)

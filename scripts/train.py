@@ -7,13 +7,19 @@
         --config configs/train/gpt2-124m.yaml
 
 The run folder (`run_dir`) receives: `train_config.yaml` (the resolved config), `metrics.jsonl` (one JSON object
-per log/eval), `loss.png`, `checkpoints/step-NNNNNNN` (`accelerator.save_state`, written atomically, the last
-`keep_last` kept) and `final/` (the unwrapped model's `save_pretrained` + tokenizer + generation config +
-README.md model card), loadable with `AutoModelFor*.from_pretrained(final, trust_remote_code=True)`.
+per log/eval), `loss.png`, `checkpoints/step-NNNNNNN` (`accelerator.save_state` + `progress.json`, written to a
+temp folder and renamed, the last `keep_last` kept) and `final/` (the unwrapped model's `save_pretrained` +
+tokenizer + generation config + README.md model card), loadable with
+`AutoModelFor*.from_pretrained(final, trust_remote_code=True)`.
 
 Resuming is exact on CPU: the model, optimizer, scheduler, RNG states and the position in the data (`Progress`)
-are restored; the data order depends only on (seed, epoch); each optimizer step reseeds dropout and MLM masking
-from (seed, step, process), so the losses after a resume equal those of an uninterrupted run.
+are restored, reading only safetensors, JSON and `torch.load(weights_only=True)`; the data order depends only on
+(seed, epoch); each optimizer step reseeds dropout and MLM masking from (seed, step, process), so the losses after
+a resume equal those of an uninterrupted run. A run killed at any moment (SIGKILL included) resumes from its last
+complete checkpoint.
+
+A NaN or infinite loss or gradient norm stops the run before the update is applied, with the step and the value,
+and exit status 3; no checkpoint or final folder of that state is written.
 """
 
 from __future__ import annotations
@@ -22,8 +28,8 @@ import argparse
 import contextlib
 import json
 import math
-import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -32,11 +38,15 @@ from tqdm.auto import tqdm
 
 from scripts.training_lib import (
     Batcher,
+    NonFiniteError,
     Progress,
     TrainConfig,
     TrainData,
+    check_finite,
+    check_finite_parameters,
     checkpoint_dirs,
     corpus_bleu,
+    load_checkpoint,
     load_config,
     lr_lambda,
     model_card,
@@ -44,12 +54,16 @@ from scripts.training_lib import (
     model_config,
     plot_losses,
     read_metrics,
+    remove_partial_checkpoints,
+    replace_dir,
     save_checkpoint,
     save_config,
     special_token_ids,
     token_byte_lengths,
     token_losses,
 )
+
+NON_FINITE_EXIT_CODE = 3  # the loss or the gradients became NaN/inf (scripts/train.py exits 2 on a usage error)
 
 
 def resolve_mixed_precision(setting: str) -> str:
@@ -95,7 +109,10 @@ def get_tokenizer(config: TrainConfig, train_rows, accelerator):
             [config.text_column] if config.objective != "seq2seq" else [config.source_column, config.target_column]
         )
         texts = [text for column in columns for text in train_rows[column]]
-        train_tokenizer(config.tokenizer_kind, texts, config.vocab_size).save_pretrained(str(folder))
+        tmp = folder.with_name(f".tmp-{folder.name}")  # a killed run leaves no half-written tokenizer behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        train_tokenizer(config.tokenizer_kind, texts, config.vocab_size).save_pretrained(str(tmp))
+        replace_dir(tmp, folder)
     accelerator.wait_for_everyone()
     return PreTrainedTokenizerFast.from_pretrained(str(folder))
 
@@ -205,10 +222,9 @@ def save_final(model, tokenizer, config: TrainConfig, accelerator, metrics_path:
         unwrapped.save_pretrained(str(tmp), state_dict=state_dict)
         tokenizer.save_pretrained(str(tmp))
         num_parameters = sum(p.numel() for p in unwrapped.parameters())
-        card = model_card(config, unwrapped.config, read_metrics(metrics_path), num_parameters)
+        card = model_card(config, unwrapped.config, read_metrics(metrics_path), num_parameters, final)
         (tmp / "README.md").write_text(card)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        replace_dir(tmp, final)
     accelerator.wait_for_everyone()
     return final
 
@@ -219,7 +235,12 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
     from accelerate.utils import set_seed
 
     config.validate()  # also for configs built in Python: fail before any data or model is touched
-    accelerator = Accelerator(mixed_precision=resolve_mixed_precision(config.mixed_precision))
+    # The scheduler goes through `prepare` so that `save_state`/`load_state` handle it (as a state dict of numbers,
+    # read back with weights_only=True); `step_scheduler_with_optimizer=False` keeps it at one step per optimizer
+    # step (accelerate would otherwise step it once per process).
+    accelerator = Accelerator(
+        mixed_precision=resolve_mixed_precision(config.mixed_precision), step_scheduler_with_optimizer=False
+    )
     set_seed(config.seed)
     run_dir = Path(config.run_dir)
     metrics_path = run_dir / "metrics.jsonl"
@@ -260,16 +281,27 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
     optimizer = torch.optim.AdamW(
         groups, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon
     )
-    # The scheduler is not passed to `prepare` (which would step it once per process); it is checkpointed.
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
-    model, optimizer = accelerator.prepare(model, optimizer)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     progress = Progress()
-    accelerator.register_for_checkpointing(scheduler, progress)
 
+    if accelerator.is_main_process:
+        for partial in remove_partial_checkpoints(run_dir):
+            log(f"removed the incomplete checkpoint {partial} (an interrupted write)")
+    accelerator.wait_for_everyone()
     checkpoints = checkpoint_dirs(run_dir)
     if resume and checkpoints:
-        accelerator.load_state(str(checkpoints[-1]))
+        progress = load_checkpoint(accelerator, checkpoints[-1])
         log(f"resumed from {checkpoints[-1]} at step {progress.step}")
+        base_lrs = scheduler.scheduler.base_lrs
+        if any(lr != config.learning_rate for lr in base_lrs):
+            # The config is the source of truth: e.g. a lower learning rate after a non-finite loss. The loaded
+            # scheduler state would otherwise bring the old peak back.
+            log(f"learning_rate {base_lrs[0]} in the checkpoint -> {config.learning_rate} from the config")
+            scheduler.scheduler.base_lrs = [config.learning_rate] * len(base_lrs)
+            factor = lr_lambda(config)(scheduler.scheduler.last_epoch)
+            for group in optimizer.param_groups:
+                group["lr"] = config.learning_rate * factor
         if accelerator.is_main_process:  # drop what the interrupted run logged after its last checkpoint
             kept = [m for m in read_metrics(metrics_path) if m["step"] <= progress.step]
             metrics_path.write_text("".join(json.dumps(m) + "\n" for m in kept))
@@ -295,6 +327,21 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
         for sample in metrics.get("samples", []):
             log(f"  sample: {sample!r}")
         return entry
+
+    def stop_if_not_finite(check, *args) -> None:
+        """Run `check(*args)`; on a non-finite value stop the run, naming the step, the value, the last checkpoint."""
+        try:
+            check(*args)
+        except NonFiniteError as error:
+            bar.close()
+            good = checkpoint_dirs(run_dir)
+            last = f"the last good checkpoint is {good[-1]}" if good else "there is no checkpoint yet"
+            message = (
+                f"training stopped: {error}. Nothing was saved from this state; {last}. Lower learning_rate (or "
+                f"look at the data of that step) and --resume, or start again."
+            )
+            accelerator.end_training()
+            raise NonFiniteError(message) from None
 
     if progress.step == 0 and config.eval_at_start:
         run_eval()
@@ -329,13 +376,15 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
             progress.tokens += int(count) * accelerator.num_processes
         grad_norm = None
         if config.max_grad_norm > 0:
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+            grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm))
+        step_loss = accelerator.reduce(step_loss, reduction="mean").item()
+        # Before the update: a NaN/inf loss or gradient is never applied, so no checkpoint can contain it.
+        stop_if_not_finite(check_finite, progress.step + 1, step_loss, grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         progress.step += 1
 
-        step_loss = accelerator.reduce(step_loss, reduction="mean").item()
         window_loss, window_steps = window_loss + step_loss, window_steps + 1
         bar.update(1)
         bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
@@ -347,7 +396,7 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
                     "loss": window_loss / window_steps,
                     "step_loss": step_loss,
                     "lr": scheduler.get_last_lr()[0],
-                    "grad_norm": None if grad_norm is None else float(grad_norm),
+                    "grad_norm": grad_norm,
                     "epoch": batcher.epoch_of(progress.micro_step - 1),
                     "tokens": progress.tokens,
                     "elapsed_s": round(time.time() - start_time, 2),
@@ -358,9 +407,11 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
         if (config.eval_every and progress.step % config.eval_every == 0) or done:
             run_eval()
         if (config.save_every and progress.step % config.save_every == 0) or done:
-            save_checkpoint(accelerator, run_dir, progress.step, config.keep_last)
+            stop_if_not_finite(check_finite_parameters, model, progress.step)
+            save_checkpoint(accelerator, run_dir, progress, config.keep_last)
     bar.close()
 
+    stop_if_not_finite(check_finite_parameters, model, progress.step)
     final = save_final(model, tokenizer, config, accelerator, metrics_path)
     metrics = read_metrics(metrics_path) if accelerator.is_main_process else []
     if accelerator.is_main_process:
@@ -388,7 +439,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint of run_dir")
     args = parser.parse_args(argv)
     config = load_config(args.config, args.set)  # fails fast, before any data or model is built
-    return train(config, resume=args.resume)
+    try:
+        return train(config, resume=args.resume)
+    except NonFiniteError as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        raise SystemExit(NON_FINITE_EXIT_CODE) from None
 
 
 if __name__ == "__main__":

@@ -17,7 +17,9 @@ import dataclasses
 import json
 import math
 import os
+import re
 import shutil
+import time
 import types
 import typing
 from dataclasses import dataclass, field
@@ -512,36 +514,122 @@ def corpus_bleu(hypotheses: list[str], references: list[str]) -> float | None:
 
 
 class Progress:
-    """Training position, saved with the checkpoint through `accelerator.register_for_checkpointing`."""
+    """Training position, saved as `progress.json` in every checkpoint (plain JSON: nothing to unpickle)."""
 
-    def __init__(self):
-        self.step = 0  # optimizer steps done
-        self.micro_step = 0  # global micro-batches consumed
-        self.tokens = 0
+    def __init__(self, step: int = 0, micro_step: int = 0, tokens: int = 0):
+        self.step = step  # optimizer steps done
+        self.micro_step = micro_step  # global micro-batches consumed
+        self.tokens = tokens
 
     def state_dict(self) -> dict:
         return {"step": self.step, "micro_step": self.micro_step, "tokens": self.tokens}
 
     def load_state_dict(self, state: dict) -> None:
-        self.step, self.micro_step, self.tokens = state["step"], state["micro_step"], state["tokens"]
+        self.step, self.micro_step, self.tokens = (int(state[k]) for k in ("step", "micro_step", "tokens"))
+
+
+class NonFiniteError(RuntimeError):
+    """The loss, the gradient norm or a parameter became NaN or infinite: training stops, nothing is saved."""
+
+
+def check_finite(step: int, loss: float, grad_norm: float | None = None) -> None:
+    """Raise `NonFiniteError` naming optimizer step `step` (1-based) when the loss or the gradient norm is NaN/inf.
+
+    Called before `optimizer.step()`, so the bad gradients are never applied and no checkpoint of them exists.
+    """
+    if not math.isfinite(loss):
+        raise NonFiniteError(f"the training loss is {loss} at optimizer step {step}")
+    if grad_norm is not None and not math.isfinite(grad_norm):
+        raise NonFiniteError(f"the gradient norm is {grad_norm} at optimizer step {step} (loss {loss:.6g})")
+
+
+def check_finite_parameters(model, step: int) -> None:
+    """Raise `NonFiniteError` if any parameter holds NaN/inf: the guard in front of every checkpoint and save."""
+    for name, param in model.named_parameters():
+        if not torch.isfinite(param.detach()).all():
+            bad = param.detach()[~torch.isfinite(param.detach())].flatten()[0].item()
+            raise NonFiniteError(f"parameter {name} holds {bad} after optimizer step {step}")
 
 
 # ------------------------------------------------------------------------------------------------- checkpoints
+#
+# A checkpoint is `accelerator.save_state` (model.safetensors; optimizer.bin, scheduler.bin and
+# random_states_<rank>.pkl, which hold only tensors and numbers and are read back with `weights_only=True`) plus
+# `progress.json`, written last. Everything goes into `.tmp-step-N`, is fsynced, and becomes `step-N` by one
+# rename: a process killed at any moment leaves either no `step-N` or a complete one. A folder without
+# `progress.json` is never taken for a checkpoint, and partial folders are removed at the next start.
+
+PROGRESS_FILE = "progress.json"
+CHECKPOINT_NAME = re.compile(r"^step-\d{7}$")
+# Test hook (tests/test_fault_tolerance.py): "STEP[:SECONDS]" makes the main process stop for SECONDS (default
+# 600) in the middle of writing checkpoint STEP, after accelerate's files and before progress.json and the
+# rename, so that a SIGKILL lands mid-write deterministically.
+PAUSE_IN_CHECKPOINT_ENV = "COURSE_TRAIN_TEST_PAUSE_IN_CHECKPOINT"
 
 
 def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
-    """Complete checkpoints (`step-NNNNNNN`) of a run, oldest first; temp folders of a crash are ignored."""
+    """Complete checkpoints (`step-NNNNNNN` with a `progress.json`) of a run, oldest first."""
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-"))
+    return sorted(
+        p for p in root.iterdir() if CHECKPOINT_NAME.match(p.name) and (p / PROGRESS_FILE).is_file() and p.is_dir()
+    )
 
 
-def save_checkpoint(accelerator, run_dir: str | Path, step: int, keep_last: int) -> Path:
-    """`accelerator.save_state` into a temp folder, then one atomic rename; keeps the `keep_last` newest."""
+def remove_partial_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Delete what a killed process left in `checkpoints/`: temp folders and folders without `progress.json`."""
     root = Path(run_dir) / "checkpoints"
-    final = root / f"step-{step:07d}"
-    tmp = root / f".tmp-step-{step:07d}"
+    complete = set(checkpoint_dirs(run_dir))
+    removed = [p for p in root.iterdir() if p.is_dir() and p not in complete] if root.is_dir() else []
+    for path in removed:
+        shutil.rmtree(path, ignore_errors=True)
+    return removed
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Flush a folder's files and the folder itself (its entries) to disk."""
+    for path in folder.iterdir():
+        if path.is_file():
+            with path.open("rb") as f:
+                os.fsync(f.fileno())
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def replace_dir(tmp: Path, target: Path) -> None:
+    """Make the complete folder `tmp` become `target` by renames only; an old `target` is moved aside first, so
+    that no moment exists at which `target` is half deleted."""
+    _fsync_dir(tmp)
+    if target.exists():
+        old = target.with_name(f".old-{target.name}-{os.getpid()}")
+        os.replace(target, old)
+        os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, target)
+    _fsync_dir(target.parent)
+
+
+def _pause_for_test(step: int, path: Path) -> None:
+    spec = os.environ.get(PAUSE_IN_CHECKPOINT_ENV)
+    if not spec or int(spec.split(":")[0]) != step:
+        return
+    seconds = float(spec.split(":")[1]) if ":" in spec else 600.0
+    written = ", ".join(sorted(p.name for p in path.iterdir()))
+    print(f"[test hook] pausing {seconds:g} s inside checkpoint step {step}: {path} holds {written}", flush=True)
+    time.sleep(seconds)
+
+
+def save_checkpoint(accelerator, run_dir: str | Path, progress: Progress, keep_last: int) -> Path:
+    """`accelerator.save_state` + `progress.json` into a temp folder, then one atomic rename; keeps the `keep_last`
+    newest. Collective: every process calls it."""
+    root = Path(run_dir) / "checkpoints"
+    final = root / f"step-{progress.step:07d}"
+    tmp = root / f".tmp-step-{progress.step:07d}"
     if accelerator.is_main_process:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
@@ -549,20 +637,52 @@ def save_checkpoint(accelerator, run_dir: str | Path, step: int, keep_last: int)
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)  # a reader sees either no checkpoint or a complete one
+        _pause_for_test(progress.step, tmp)
+        (tmp / PROGRESS_FILE).write_text(json.dumps(progress.state_dict()) + "\n")  # last: marks it complete
+        replace_dir(tmp, final)
         for old in checkpoint_dirs(run_dir)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+            trash = old.with_name(f".old-{old.name}")
+            os.replace(old, trash)  # no longer a checkpoint from this instant, even if the deletion is cut short
+            shutil.rmtree(trash, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
 
 
+def load_checkpoint(accelerator, folder: str | Path) -> Progress:
+    """Restore model, optimizer, scheduler and RNG states with `accelerator.load_state` and return the `Progress`.
+
+    Every file is read as safetensors, JSON or `torch.load(weights_only=True)` (tensors, numbers and containers
+    only; accelerate's own default, made explicit here). Nothing is registered with
+    `accelerator.register_for_checkpointing`, whose custom states accelerate unpickles with `weights_only=False`.
+    """
+    folder = Path(folder)
+    if not (folder / PROGRESS_FILE).is_file():
+        raise ValueError(
+            f"{folder} has no {PROGRESS_FILE}: it is incomplete, or was written by an older version of "
+            f"scripts/train.py (custom_checkpoint_*.pkl, which is not loaded because it needs unpickling); "
+            f"start the run again without --resume"
+        )
+    accelerator.load_state(str(folder), load_kwargs={"weights_only": True})
+    progress = Progress()
+    progress.load_state_dict(json.loads((folder / PROGRESS_FILE).read_text()))
+    return progress
+
+
 def read_metrics(path: str | Path) -> list[dict]:
+    """The entries of `metrics.jsonl`. A process killed while appending can leave the last line cut short: that
+    line is dropped (any other malformed line is an error)."""
     path = Path(path)
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    entries = []
+    for number, line in enumerate(lines):
+        try:
+            entries.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number != len(lines) - 1:
+                raise
+    return entries
 
 
 def plot_losses(metrics: list[dict], path: str | Path) -> None:
@@ -587,11 +707,20 @@ def plot_losses(metrics: list[dict], path: str | Path) -> None:
     plt.close(fig)
 
 
-def model_card(config: TrainConfig, model_config, metrics: list[dict], num_parameters: int) -> str:
-    """README.md of the final folder: what was trained on what, how, and the last evaluation."""
+def model_card(config: TrainConfig, model_config, metrics: list[dict], num_parameters: int, folder: str | Path) -> str:
+    """README.md of the final folder: what was trained on what, how, the first and last evaluation, and usage.
+
+    The pipeline tag, the Auto class and the usage snippet come from `modeling.publish` (one table of tasks for
+    the project: `text2text-generation` for the encoder-decoder, which the folder's own pipeline provides);
+    `python -m modeling.publish` later turns this card's text into the Training section of the published card.
+    """
+    from huggingface_hub import ModelCardData
+
+    from modeling.publish import TASKS, usage_snippet
+
+    pipeline_tag, auto_class = TASKS[model_class(config.objective).__name__]
     evals = [m for m in metrics if m.get("kind") == "eval"]
     first, last = (evals[0], evals[-1]) if evals else ({}, {})
-    pipeline_tag = {"causal_lm": "text-generation", "masked_lm": "fill-mask", "seq2seq": "translation"}
     keys = ("eval_loss", "perplexity", "bits_per_byte", "bleu")
 
     def cell(entry: dict, key: str) -> str:
@@ -599,11 +728,14 @@ def model_card(config: TrainConfig, model_config, metrics: list[dict], num_param
         return "-" if value is None else f"{value:.4f}"
 
     rows = "\n".join(f"| {k} | {cell(first, k)} | {cell(last, k)} |" for k in keys if k in last or k in first)
+    metadata = ModelCardData(
+        library_name="transformers",
+        pipeline_tag=pipeline_tag,
+        tags=["course-transformer", config.objective],
+        license="apache-2.0",
+    )
     return f"""---
-library_name: transformers
-pipeline_tag: {pipeline_tag[config.objective]}
-tags: [course-transformer, {config.objective}]
-license: apache-2.0
+{metadata.to_yaml()}
 ---
 
 # {Path(config.run_dir).name}: a course Transformer ({model_config.architecture})
@@ -620,15 +752,10 @@ schedule. The full training config is `train_config.yaml` in the run folder.
 |---|---|---|
 {rows}
 
-## Use
+## Usage
 
-```python
-from transformers import AutoModel, AutoTokenizer
+The folder carries its model code: `trust_remote_code=True` loads it without this repository installed.
 
-# The folder carries its model code: trust_remote_code=True loads it without this repository installed.
-model = AutoModel.from_pretrained("path/to/this/folder", trust_remote_code=True)
-tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")
-```
-
+{usage_snippet(str(folder), pipeline_tag, auto_class)}
 This is a teaching model: tiny, trained on one old book, and it writes like it.
 """

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -28,10 +29,14 @@ def sentence(rng: random.Random) -> tuple[str, str]:
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    """A tiny DatasetDict on disk (train: books 1-4, validation: book 5) and a byte-level BPE beside it."""
-    from datasets import Dataset, DatasetDict
+    return corpus_on_disk(tmp_path_factory.mktemp("corpus"))
 
-    root = tmp_path_factory.mktemp("corpus")
+
+def corpus_on_disk(root: Path) -> Path:
+    """A tiny DatasetDict in `root/data` (train: books 1-4, validation: book 5) and a byte-level BPE in `root/bpe`."""
+    from datasets import Dataset, DatasetDict, disable_progress_bars
+
+    disable_progress_bars()
     rng = random.Random(0)
     splits = {}
     for name, books, n in (("train", (1, 2, 3, 4), 600), ("validation", (5,), 80), ("test", (6,), 20)):
@@ -126,14 +131,98 @@ def test_resume_gives_the_same_losses_as_an_uninterrupted_run(corpus, tmp_path):
     interrupted = tiny(corpus, tmp_path / "resumed", model=dropout, stop_at_step=4, **fields)
     train(interrupted)
     assert len(train_losses(tmp_path / "resumed")) == 4
+    checkpoint = tmp_path / "resumed" / "checkpoints" / "step-0000004"
+    assert json.loads((checkpoint / "progress.json").read_text()) == {"step": 4, "micro_step": 8, "tokens": 8 * 8 * 31}
+    assert not list(checkpoint.glob("custom_checkpoint_*"))  # nothing that accelerate unpickles unsafely
+
+    # Every torch.load of the resume must be weights_only=True (accelerate's register_for_checkpointing objects
+    # are loaded with weights_only=False); the rest is safetensors and JSON.
+    loads = []
+    real_load = torch.load
+
+    def recording_load(f, *args, **kwargs):
+        loads.append((Path(f).name, kwargs.get("weights_only")))
+        return real_load(f, *args, **kwargs)
+
     interrupted.stop_at_step = None
-    result = train(interrupted, resume=True)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch, "load", recording_load)
+        result = train(interrupted, resume=True)
+    assert sorted(loads) == [("optimizer.bin", True), ("random_states_0.pkl", True), ("scheduler.bin", True)]
     assert train_losses(tmp_path / "resumed") == train_losses(tmp_path / "full")
     assert (
         result["last_eval"]["eval_loss"]
         == json.loads((tmp_path / "full" / "metrics.jsonl").read_text().splitlines()[-1])["eval_loss"]
     )
     assert sorted(p.name for p in (tmp_path / "resumed" / "checkpoints").iterdir()) == ["step-0000004", "step-0000008"]
+
+
+@pytest.mark.parametrize(
+    "clip, save_every, logged, good_steps, what",
+    [
+        # lr 1e6 x weight decay 0.1 scales the matrices by -1e5 per step: step 2's gradients overflow.
+        (1.0, 1, [1], [1], "the gradient norm is nan at optimizer step 2 (loss 1.1"),
+        # without clipping no norm is computed: step 2 is applied (finite loss, NaN update), and caught before its
+        # checkpoint is written ...
+        (0.0, 1, [1, 2], [1], "holds nan after optimizer step 2"),
+        # ... or, with no checkpoint due, by the loss of step 3
+        (0.0, 0, [1, 2], [], "the training loss is nan at optimizer step 3"),
+    ],
+)
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
+    corpus, tmp_path, clip, save_every, logged, good_steps, what
+):
+    from safetensors.torch import load_file
+
+    from scripts.training_lib import NonFiniteError, checkpoint_dirs
+
+    fields = dict(learning_rate=1e6, max_grad_norm=clip, save_every=save_every, max_steps=10, eval_at_start=False)
+    config = tiny(corpus, tmp_path / "run", **fields)
+    with pytest.raises(NonFiniteError, match="training stopped: ") as stopped:
+        train(config)
+    message = str(stopped.value)
+    assert what in message and "Nothing was saved from this state" in message
+    assert all(math.isfinite(x) for x in train_losses(tmp_path / "run"))
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == logged
+    assert not (tmp_path / "run" / "final").exists()
+    good = checkpoint_dirs(tmp_path / "run")
+    assert [p.name for p in good] == [f"step-{s:07d}" for s in good_steps]
+    if good:
+        assert f"the last good checkpoint is {good[-1]}" in message
+        weights = load_file(good[-1] / "model.safetensors")
+        assert all(torch.isfinite(w).all() for w in weights.values())
+        assert json.loads((good[-1] / "progress.json").read_text())["step"] == good_steps[-1]
+    else:
+        assert good == [] and "there is no checkpoint yet" in message
+
+
+def test_the_configs_learning_rate_wins_on_resume_and_a_failed_attempt_leaves_no_trace(corpus, tmp_path):
+    """Resume with lr 1e6 (the config wins over the scheduler state saved in the checkpoint): it stops on a
+    non-finite value; resumed again with the original lr, the run equals an uninterrupted one."""
+    from scripts.training_lib import NonFiniteError
+
+    fields = dict(max_steps=6, save_every=2, eval_at_start=False)
+    train(tiny(corpus, tmp_path / "full", **fields))
+    config = tiny(corpus, tmp_path / "run", stop_at_step=2, **fields)
+    train(config)
+    config.stop_at_step, config.learning_rate = None, 1e6
+    with pytest.raises(NonFiniteError, match="at optimizer step [34]"):
+        train(config, resume=True)
+    config.learning_rate = 3e-3
+    train(config, resume=True)
+    assert train_losses(tmp_path / "run") == train_losses(tmp_path / "full")
+
+
+def test_metrics_log_cut_short_by_a_kill_is_read_without_its_last_line(tmp_path):
+    from scripts.training_lib import read_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"kind": "train", "step": 1}\n{"kind": "train", "step": 2}\n{"kind": "tr')
+    assert read_metrics(path) == [{"kind": "train", "step": 1}, {"kind": "train", "step": 2}]
+    path.write_text('{"kind": "tr\n{"kind": "train", "step": 2}\n')
+    with pytest.raises(json.JSONDecodeError):  # damage anywhere else is not silently skipped
+        read_metrics(path)
 
 
 def test_masked_lm_and_seq2seq_learn(corpus, tmp_path):
@@ -164,8 +253,39 @@ def test_masked_lm_and_seq2seq_learn(corpus, tmp_path):
     )
     result = train(s2s)
     assert result["last_eval"]["eval_loss"] < result["first_eval"]["eval_loss"] - 1.0
+    # The model cards take their task from modeling.publish: transformers 5 has no "translation" pipeline.
+    from huggingface_hub import ModelCard
+
+    for run, task in (("mlm", "fill-mask"), ("s2s", "text2text-generation")):
+        card = ModelCard.load(tmp_path / run / "final" / "README.md")
+        assert card.data.pipeline_tag == task and run in card.text
+        assert f'pipeline("{task}", model="{tmp_path / run / "final"}", trust_remote_code=True)' in card.text
     pytest.importorskip("sacrebleu")
     assert 0 <= result["last_eval"]["bleu"] <= 100
+
+
+def test_demo_evaluation_harness_on_a_tiny_trained_model(corpus, tmp_path):
+    """`make demo`'s harness: parity reports (a failing reference is reported, not swallowed) and the attention
+    report of the saved model, with an induction score sized to its 64 positions."""
+    from scripts.demo import run_evaluation_harness
+
+    final = train(tiny(corpus, tmp_path / "run", max_steps=2, eval_at_start=False))["final"]
+    out = tmp_path / "evaluation"
+    results = run_evaluation_harness(final, out, references=["gpt2-tiny", str(tmp_path / "no-such-model")])
+
+    gpt2 = results["parity"]["gpt2-tiny"]
+    assert gpt2["passed"] and gpt2["round_trip_exact"] and gpt2["attention_max_abs_diff"] < 1e-5
+    assert {"parity.json", "parity.md", "parity.png"} <= {p.name for p in (out / "parity" / "gpt2-tiny").iterdir()}
+    missing = results["parity"][str(tmp_path / "no-such-model")]
+    assert missing["exit_code"] == 2 and not missing["passed"] and not results["passed"]
+
+    attention = json.loads((out / "attention" / "report.json").read_text())
+    assert attention["num_layers"] == 2 and attention["num_heads"] == 4 and attention["causal"]
+    assert attention["induction"]["period"] == 31 == results["attention"]["induction_period"]
+    assert 0 <= results["attention"]["induction_score"] <= 1
+    assert results["attention"]["induction_score"] == max(map(max, attention["induction"]["scores"]))
+    assert (out / "attention" / "report.md").is_file() and (out / "attention" / "grid_induction.png").is_file()
+    assert json.loads((out / "harness.json").read_text())["passed"] is False
 
 
 @pytest.mark.parametrize(
