@@ -407,11 +407,11 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
         if (config.eval_every and progress.step % config.eval_every == 0) or done:
             run_eval()
         if (config.save_every and progress.step % config.save_every == 0) or done:
-            stop_if_not_finite(check_finite_parameters, model, progress.step)
+            stop_if_not_finite(check_finite_parameters, model, progress.step, accelerator)
             save_checkpoint(accelerator, run_dir, progress, config.keep_last)
     bar.close()
 
-    stop_if_not_finite(check_finite_parameters, model, progress.step)
+    stop_if_not_finite(check_finite_parameters, model, progress.step, accelerator)
     final = save_final(model, tokenizer, config, accelerator, metrics_path)
     metrics = read_metrics(metrics_path) if accelerator.is_main_process else []
     if accelerator.is_main_process:

@@ -543,12 +543,24 @@ def check_finite(step: int, loss: float, grad_norm: float | None = None) -> None
         raise NonFiniteError(f"the gradient norm is {grad_norm} at optimizer step {step} (loss {loss:.6g})")
 
 
-def check_finite_parameters(model, step: int) -> None:
-    """Raise `NonFiniteError` if any parameter holds NaN/inf: the guard in front of every checkpoint and save."""
+def check_finite_parameters(model, step: int, accelerator=None) -> None:
+    """Raise `NonFiniteError` if any parameter holds NaN/inf: the guard in front of every checkpoint and save.
+
+    With several processes the verdict is summed over them (under FSDP each holds a shard), so that all raise
+    together instead of some entering the checkpoint's collectives alone.
+    """
+    first, count = None, 0
     for name, param in model.named_parameters():
-        if not torch.isfinite(param.detach()).all():
-            bad = param.detach()[~torch.isfinite(param.detach())].flatten()[0].item()
-            raise NonFiniteError(f"parameter {name} holds {bad} after optimizer step {step}")
+        local = param.detach()
+        local = local.to_local() if hasattr(local, "to_local") else local  # a DTensor shard under FSDP 2
+        bad = ~torch.isfinite(local)
+        if bad.any():
+            count += int(bad.sum())
+            first = first or f"parameter {name} holds {local[bad].flatten()[0].item()}"
+    if accelerator is not None and accelerator.num_processes > 1:
+        count = int(accelerator.reduce(torch.tensor(count, device=accelerator.device), reduction="sum"))
+    if count:
+        raise NonFiniteError(f"{first or 'a parameter of another process holds NaN/inf'} after optimizer step {step}")
 
 
 # ------------------------------------------------------------------------------------------------- checkpoints
