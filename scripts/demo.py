@@ -154,7 +154,9 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"  {prompt!r} -> {text!r}", flush=True)
 
     print("== 5/5 evaluation harness: attention parity with BERT / GPT-2, attention report of this model", flush=True)
+    harness_started = time.time()
     harness = run_evaluation_harness(final)
+    harness_s = time.time() - harness_started
 
     before, after = result["first_eval"], result["last_eval"]
     elapsed = time.time() - started
@@ -169,7 +171,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"  parity {name:22s} {verdict}, {diff} -> {entry['folder']}/parity.md")
     attention = harness["attention"]
     print(
-        f"  induction score              {attention['induction_score']:.3f} (best head "
+        f"  {'induction score':29s} {attention['induction_score']:.3f} (best head "
         f"{attention['induction_best_head']}, chance {attention['induction_chance']:.3f}) -> {attention['folder']}"
     )
     print(f"  data:         {paths['english']}")
@@ -177,7 +179,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"  run folder:   {result['run_dir']} (train_config.yaml, metrics.jsonl, loss.png, checkpoints/)")
     print(f"  final model:  {final} (load with AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True))")
     print(f"  evaluation:   {harness['output_dir']} (harness.json, parity/, attention/)")
-    print(f"  total time:   {elapsed:.0f} s (training {result['elapsed_s']:.0f} s)")
+    print(f"  total time:   {elapsed:.0f} s (training {result['elapsed_s']:.0f} s, harness {harness_s:.0f} s)")
     if not harness["passed"]:
         print("  PARITY FAILED: see the reports above", flush=True)
     return {**result, "generations": generations, "harness": harness, "total_s": elapsed}
