@@ -71,12 +71,19 @@ def render(attention, tokens, layer: int, heads: list[int], query: int | None, p
             bars.set_ylim(0, 1)
             bars.set_ylabel(f"from '{tokens[query]}'", fontsize=8)
     fig.suptitle(title, fontsize=10)
+    save_figure(fig, path, dpi=100)
+
+
+def save_figure(fig, path: Path, dpi: int = 100) -> Path:
+    """Lay out, write `path` atomically (a reader never sees half a PNG) and close the figure."""
+    plt = analysis._plt()
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    fig.savefig(tmp, dpi=dpi)
     plt.close(fig)
-    os.replace(tmp, path)  # atomic: a reader never sees half a PNG
+    os.replace(tmp, path)
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:
