@@ -121,3 +121,13 @@ def build_tokenizer():
 @pytest.fixture(scope="session")
 def tokenizer():
     return build_tokenizer()
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors gain nothing from threads and lose much on shared cores (about 20x measured on 2 busy cores);
+    one thread also leaves a core free. Modules opt in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

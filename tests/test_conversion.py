@@ -26,13 +26,7 @@ TOL = 1e-5
 VOCAB = 97
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is much faster than two when the machine is shared, and leaves a core free."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
