@@ -7,8 +7,9 @@
    after training (validation loss in nats/token and bits per byte), checkpointed, saved with `save_pretrained`.
 4. Reload through `AutoModelForCausalLM.from_pretrained` and greedy generation with `pipeline("text-generation")`.
 5. The evaluation harness (`run_evaluation_harness`): parity of our attention with Hugging Face's BERT and GPT-2
-   (bert-tiny, gpt2-tiny and the real all-MiniLM-L6-v2 when installed), and the attention report of the trained
-   model (Clark et al. measures, induction score), all under `runs/demo/evaluation`.
+   (bert-tiny, gpt2-tiny and the real all-MiniLM-L6-v2 when installed), then `evaluation.harness` on the trained
+   model (test-split loss and bits per byte, attention report with Clark et al. measures and induction score,
+   parity of its export to GPT-2), all under `runs/demo/evaluation`.
 
     python -m scripts.demo                       # everything under data/bible and runs/demo
     python -m scripts.demo --set max_steps=100   # any TrainConfig override
@@ -45,15 +46,22 @@ def parity_references() -> list[str]:
 
 
 def run_evaluation_harness(
-    final_dir: Path, output_dir: Path | None = None, references: list[str] | None = None
+    final_dir: Path,
+    output_dir: Path | None = None,
+    references: list[str] | None = None,
+    dataset: str | Path | None = None,
+    max_texts: int = 1000,
 ) -> dict:
     """The evaluation harness on the demo: (a) parity of our attention with Hugging Face's BERT and GPT-2
     (`evaluation.parity`: each reference converted to our model, every layer and head compared, round trips);
-    (b) the attention report of the trained model in `final_dir` (`evaluation.analysis`: Clark et al. measures,
-    induction score). Everything goes under `output_dir` (default `<run_dir>/evaluation`), with a summary in
-    `harness.json`; `passed` is False when a parity check fails or cannot run.
+    (b) `evaluation.harness.run_harness` on the trained model in `final_dir`: language-model quality on the
+    held-out test books of `dataset` (skipped without one), its attention report (Clark et al. measures,
+    induction score) and the parity of its export to GPT-2. Everything goes under `output_dir` (default
+    `<run_dir>/evaluation`), with a summary in `harness.json`; `passed` is False when a parity check fails or
+    cannot run.
     """
-    from evaluation import analysis, parity
+    from evaluation import parity
+    from evaluation.harness import run_harness
 
     final_dir = Path(final_dir)
     output_dir = Path(output_dir) if output_dir is not None else final_dir.parent / "evaluation"
@@ -69,28 +77,36 @@ def run_evaluation_harness(
             entry["round_trip_exact"] = report["round_trip"]["passed"]
         results["parity"][name] = entry
 
-    model, tokenizer, _ = analysis.load_named_model(str(final_dir))  # eager attention: the weights come back
-    # Induction inputs are [BOS] + a random block repeated twice: they must fit the model's positions.
-    period = min(40, (model.config.max_position_embeddings - 1) // 2)
-    report = analysis.analyze_model(model, tokenizer, label=f"demo model ({final_dir})", induction_period=period)
-    folder = analysis.write_report(report, output_dir / "attention", overwrite=True)
-    induction, previous = report["induction"], report["clark"]["best_previous"]
-    best = induction["best"]
-    results["attention"] = {
-        "folder": str(folder),
-        "induction_best_head": f"{best['layer'] + 1}-{best['head'] + 1}",
-        "induction_score": best["score"],
-        "induction_chance": induction["chance"],
-        "induction_period": period,
+    texts = {"dataset": dataset, "split": "test", "max_texts": max_texts} if dataset else {"texts": PROMPTS}
+    model_report = run_harness(final_dir, output_dir / "model", overwrite=True, progress=False, **texts)
+    attention, export = model_report["attention"], model_report["parity"]
+    induction, previous = attention["induction_best"], attention["best_previous_token_head"]
+    results["model"] = {
+        "folder": model_report["output"],
+        "lm_quality": model_report["lm_quality"][0]["metrics"],
+        "texts": model_report["dataset"],
+        "induction_best_head": f"{induction['layer'] + 1}-{induction['head'] + 1}",
+        "induction_score": induction["score"],
+        "induction_chance": attention["induction_chance"],
         "best_previous_token_head": previous["head"],
         "previous_token_score": previous["score"],
+        "export_parity": export,
+        "errors": model_report["errors"],
     }
+    if "passed" in export:
+        results["parity"][f"export to {export['exported_class']}"] = {
+            "exit_code": 0 if export["passed"] else 1,
+            "passed": export["passed"],
+            "folder": str(output_dir / "model" / "parity"),
+            "max_abs_diff": export["max_abs_diff"],
+            "round_trip_exact": export["round_trip_exact"],
+        }
     results["passed"] = all(entry["passed"] for entry in results["parity"].values())
     (output_dir / "harness.json").write_text(json.dumps(results, indent=1) + "\n")
     print(
-        f"[evaluation harness] attention of {final_dir}: induction score {best['score']:.3f} (head "
-        f"{results['attention']['induction_best_head']}, chance {induction['chance']:.3f}), previous-token head "
-        f"{previous['head']} {previous['score']:.2f} -> {folder / 'report.md'}",
+        f"[evaluation harness] {final_dir}: induction score {induction['score']:.3f} (head "
+        f"{results['model']['induction_best_head']}, chance {attention['induction_chance']:.3f}), previous-token "
+        f"head {previous['head']} {previous['score']:.2f} -> {output_dir / 'model' / 'report.md'}",
         flush=True,
     )
     return results
@@ -155,7 +171,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     print("== 5/5 evaluation harness: attention parity with BERT / GPT-2, attention report of this model", flush=True)
     harness_started = time.time()
-    harness = run_evaluation_harness(final)
+    harness = run_evaluation_harness(final, dataset=paths["english"])
     harness_s = time.time() - harness_started
 
     before, after = result["first_eval"], result["last_eval"]
@@ -169,16 +185,21 @@ def main(argv: list[str] | None = None) -> dict:
         verdict = "PASS" if entry["passed"] else f"FAIL (exit status {entry['exit_code']})"
         diff = f"max abs diff {entry['max_abs_diff']:.3g}" if "max_abs_diff" in entry else "not compared"
         print(f"  parity {name:22s} {verdict}, {diff} -> {entry['folder']}/parity.md")
-    attention = harness["attention"]
+    evaluated = harness["model"]
+    quality, texts = evaluated["lm_quality"], evaluated["texts"]
     print(
-        f"  {'induction score':29s} {attention['induction_score']:.3f} (best head "
-        f"{attention['induction_best_head']}, chance {attention['induction_chance']:.3f}) -> {attention['folder']}"
+        f"  {'test loss / bits per byte':29s} {quality['loss']:.3f} / {quality['bits_per_byte']:.3f} "
+        f"({texts['num_texts']} verses of the held-out test books)"
+    )
+    print(
+        f"  {'induction score':29s} {evaluated['induction_score']:.3f} (best head "
+        f"{evaluated['induction_best_head']}, chance {evaluated['induction_chance']:.3f}) -> {evaluated['folder']}"
     )
     print(f"  data:         {paths['english']}")
     print(f"  tokenizer:    {tokenizer_dir}")
     print(f"  run folder:   {result['run_dir']} (train_config.yaml, metrics.jsonl, loss.png, checkpoints/)")
     print(f"  final model:  {final} (load with AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True))")
-    print(f"  evaluation:   {harness['output_dir']} (harness.json, parity/, attention/)")
+    print(f"  evaluation:   {harness['output_dir']} (harness.json, parity/, model/report.md)")
     print(f"  total time:   {elapsed:.0f} s (training {result['elapsed_s']:.0f} s, harness {harness_s:.0f} s)")
     if not harness["passed"]:
         print("  PARITY FAILED: see the reports above", flush=True)

@@ -265,13 +265,16 @@ def test_masked_lm_and_seq2seq_learn(corpus, tmp_path):
 
 
 def test_demo_evaluation_harness_on_a_tiny_trained_model(corpus, tmp_path):
-    """`make demo`'s harness: parity reports (a failing reference is reported, not swallowed) and the attention
-    report of the saved model, with an induction score sized to its 64 positions."""
+    """`make demo`'s harness: parity reports (a failing reference is reported, not swallowed), then
+    evaluation.harness on the saved model: test-split quality, attention report with an induction score sized to
+    its 64 positions, and the parity of its export to GPT-2."""
     from scripts.demo import run_evaluation_harness
 
     final = train(tiny(corpus, tmp_path / "run", max_steps=2, eval_at_start=False))["final"]
     out = tmp_path / "evaluation"
-    results = run_evaluation_harness(final, out, references=["gpt2-tiny", str(tmp_path / "no-such-model")])
+    results = run_evaluation_harness(
+        final, out, references=["gpt2-tiny", str(tmp_path / "no-such-model")], dataset=corpus / "data", max_texts=20
+    )
 
     gpt2 = results["parity"]["gpt2-tiny"]
     assert gpt2["passed"] and gpt2["round_trip_exact"] and gpt2["attention_max_abs_diff"] < 1e-5
@@ -279,12 +282,17 @@ def test_demo_evaluation_harness_on_a_tiny_trained_model(corpus, tmp_path):
     missing = results["parity"][str(tmp_path / "no-such-model")]
     assert missing["exit_code"] == 2 and not missing["passed"] and not results["passed"]
 
-    attention = json.loads((out / "attention" / "report.json").read_text())
+    model = results["model"]
+    report = json.loads((out / "model" / "report.json").read_text())
+    assert report["dataset"]["split"] == "test" and report["dataset"]["num_texts"] == model["texts"]["num_texts"]
+    assert 0 < model["lm_quality"]["bits_per_byte"] == report["lm_quality"][0]["metrics"]["bits_per_byte"]
+    attention = json.loads((out / "model" / "attention" / "report.json").read_text())
     assert attention["num_layers"] == 2 and attention["num_heads"] == 4 and attention["causal"]
-    assert attention["induction"]["period"] == 31 == results["attention"]["induction_period"]
-    assert 0 <= results["attention"]["induction_score"] <= 1
-    assert results["attention"]["induction_score"] == max(map(max, attention["induction"]["scores"]))
-    assert (out / "attention" / "report.md").is_file() and (out / "attention" / "grid_induction.png").is_file()
+    assert attention["induction"]["period"] == 31
+    assert model["induction_score"] == max(map(max, attention["induction"]["scores"]))
+    assert (out / "model" / "attention" / "grid_induction.png").is_file()
+    # The tiny recipe is GPT-2-shaped (learned positions, pre-norm, GELU-tanh, tied head): its export is checked.
+    assert model["export_parity"]["passed"] and results["parity"]["export to GPT2LMHeadModel"]["passed"]
     assert json.loads((out / "harness.json").read_text())["passed"] is False
 
 
