@@ -76,8 +76,10 @@ class BenchSettings:
     mode: str = "quick"
     threads: int = 0  # 0: os.cpu_count()
     seed: int = 0
-    warmup: int = 1
-    repeats: int = 5
+    # Quick-mode counts: on 2 quiet cores a run takes about 2 minutes; 3 training steps per model (the first
+    # count) gave medians that moved by 20-30% between runs, mostly allocator warm-up of the optimizer state.
+    warmup: int = 2
+    repeats: int = 7
     families: tuple[str, ...] = FAMILIES
     backends: tuple[str, ...] = ("eager", "sdpa", "flash_attention_2", "flex_attention")
     # model width (GPT-2 / BERT base), depth per stack, vocabulary
@@ -91,12 +93,12 @@ class BenchSettings:
     seq_len: int = 128
     train_batch: int = 1
     train_seq_len: int = 128
-    train_repeats: int = 3
+    train_repeats: int = 7
     # KV-cached greedy generation
     gen_batches: tuple[int, ...] = (1, 8)
     gen_prompt_len: int = 16
     gen_new_tokens: int = 16
-    gen_repeats: int = 3
+    gen_repeats: int = 5
     gen_families: tuple[str, ...] = ("decoder", "encoder-decoder")
     # cost of output_attentions (decoder base model, sdpa) at this length and depth
     attn_cost_seq_len: int = 1024
