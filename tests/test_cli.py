@@ -154,3 +154,14 @@ def test_console_entry_point_in_a_subprocess():
     )
     assert error.returncode == 1 and "Traceback" not in error.stderr
     assert error.stderr.strip().splitlines() == ["error: /nonexistent/model: not a folder"]
+
+
+def test_no_script_shadows_an_installed_package():
+    """`python scripts/X.py` puts scripts/ first on sys.path: a scripts/evaluate.py would then be imported as the
+    `evaluate` library by every script that uses the metric modules (it once broke analyze_attention.py)."""
+    from importlib.metadata import packages_distributions
+
+    installed = set(packages_distributions())
+    scripts = Path(__file__).resolve().parents[1] / "scripts"
+    shadowing = sorted(p.name for p in scripts.glob("*.py") if p.stem in installed and p.stem != "scripts")
+    assert not shadowing, f"scripts/ files named like installed packages: {shadowing}"

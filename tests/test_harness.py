@@ -14,7 +14,7 @@ from conftest import WORDS, build_tokenizer, tiny_model
 
 from evaluation import lm_quality as lq
 from evaluation.harness import HarnessInputError, run_harness
-from scripts import evaluate as evaluate_cli
+from scripts import evaluate_model as evaluate_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 

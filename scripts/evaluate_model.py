@@ -2,8 +2,8 @@
 and parity after export to GPT-2 / BERT; writes report.json (for `publish --results`) and report.md.
 
     course-transformer evaluate runs/demo/final --split test --max-texts 200 --reference smollm2 --output outputs/eval
-    python -m scripts.evaluate runs/demo/final --texts my_texts.txt --no-parity --output outputs/eval-mine
-    python -m scripts.evaluate runs/demo/final --reference path/to/gpt2-folder --context-length 128 --stride 128
+    python -m scripts.evaluate_model runs/demo/final --texts my_texts.txt --no-parity --output outputs/eval-mine
+    python -m scripts.evaluate_model runs/demo/final --reference path/to/gpt2-folder --context-length 128 --stride 128
 
 The texts are the test split of the prepared corpus (`python -m scripts.prepare_data` writes data/bible/english),
 or one text per line of --texts FILE. Exit status: 0 when everything ran, 1 when a section failed (recorded in the
