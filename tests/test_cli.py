@@ -165,3 +165,20 @@ def test_no_script_shadows_an_installed_package():
     scripts = Path(__file__).resolve().parents[1] / "scripts"
     shadowing = sorted(p.name for p in scripts.glob("*.py") if p.stem in installed and p.stem != "scripts")
     assert not shadowing, f"scripts/ files named like installed packages: {shadowing}"
+
+
+SCRIPT_FILES = sorted(  # the runnable ones: training_lib.py is a library
+    p.name
+    for p in (Path(__file__).resolve().parents[1] / "scripts").glob("*.py")
+    if 'if __name__ == "__main__"' in p.read_text()
+)
+
+
+@pytest.mark.parametrize("name", SCRIPT_FILES)
+def test_every_script_runs_by_path(name, tmp_path):
+    """The README and docs run scripts as `python scripts/X.py`, where imports resolve differently than under
+    `python -m`: each must at least parse its arguments that way, from any working directory."""
+    script = Path(__file__).resolve().parents[1] / "scripts" / name
+    done = subprocess.run([sys.executable, str(script), "--help"], cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "usage" in done.stdout.lower(), done.stdout[:500]
