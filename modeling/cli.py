@@ -35,7 +35,9 @@ COMMANDS: dict[str, Command] = {
     "train-tokenizer": Command("train the tokenizer on the prepared corpus", ("scripts.train_tokenizer",)),
     "train": Command("train a model from a preset and a training config", ("scripts.train",)),
     "generate": Command("generate text with a trained model", ("scripts.generate",)),
-    "evaluate": Command("evaluate a trained model (harness report JSON)", ("scripts.evaluate_model", "evaluation.harness")),
+    "evaluate": Command(
+        "evaluate a trained model (harness report JSON)", ("scripts.evaluate_model", "evaluation.harness")
+    ),
     "parity": Command("check agreement with BERT / GPT-2 (Hugging Face)", ("evaluation.parity",)),
     "visualize": Command("plot attention weights", ("scripts.visualize_attention",)),
     "benchmark": Command("time forward, training and generation", ("scripts.benchmark", "evaluation.benchmark")),
