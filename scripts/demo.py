@@ -94,7 +94,7 @@ def run_evaluation_harness(
         "errors": model_report["errors"],
     }
     if "passed" in export:
-        results["parity"][f"export to {export['exported_class']}"] = {
+        results["parity"][f"{export['family']} export"] = {
             "exit_code": 0 if export["passed"] else 1,
             "passed": export["passed"],
             "folder": str(output_dir / "model" / "parity"),

@@ -292,7 +292,7 @@ def test_demo_evaluation_harness_on_a_tiny_trained_model(corpus, tmp_path):
     assert model["induction_score"] == max(map(max, attention["induction"]["scores"]))
     assert (out / "model" / "attention" / "grid_induction.png").is_file()
     # The tiny recipe is GPT-2-shaped (learned positions, pre-norm, GELU-tanh, tied head): its export is checked.
-    assert model["export_parity"]["passed"] and results["parity"]["export to GPT2LMHeadModel"]["passed"]
+    assert model["export_parity"]["passed"] and results["parity"]["gpt2 export"]["passed"]
     assert json.loads((out / "harness.json").read_text())["passed"] is False
 
 
