@@ -44,6 +44,8 @@ from typing import Any
 
 import torch
 
+from evaluation.flops import matmul_parameters, peak_bf16_flops, transformer_flops_per_token
+
 logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
@@ -60,8 +62,6 @@ TARGETS = {
     "generate_tokens_per_s": (">=", 1.0),
 }
 ATTENTION_OUTPUT_TARGET = 1.3  # cost of output_attentions on one layer, relative to the fast forward
-# Dense bf16 tensor-core peaks (FLOP/s) used for MFU; other devices report no MFU.
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10G": 70e12}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -921,13 +921,8 @@ class Benchmark:
 
         a, b = interleaved([step_fn(ours), step_fn(ref)], max(2, s.warmup), s.train_repeats, self.device)
         tokens = s.mfu_batch * s.mfu_seq_len
-        params = (
-            sum(p.numel() for p in ours.parameters())
-            - ours.model.decoder.embeddings.position_embeddings.weight.numel()
-        )
-        flops_per_token = 6 * params + 12 * 12 * 768 * s.mfu_seq_len
-        name = torch.cuda.get_device_name(self.device)
-        peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+        flops_per_token = transformer_flops_per_token(matmul_parameters(ours), 12, 768, s.mfu_seq_len)
+        peak = peak_bf16_flops(torch.cuda.get_device_name(self.device))
         shape = {
             "batch": s.mfu_batch,
             "seq_len": s.mfu_seq_len,

@@ -29,6 +29,7 @@ import contextlib
 import json
 import math
 import shutil
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -75,6 +76,27 @@ def resolve_mixed_precision(setting: str) -> str:
     if not torch.cuda.is_available():
         return "no"
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def mfu_terms(model, config: TrainConfig, accelerator) -> tuple[int | None, float | None]:
+    """(training FLOPs per token, the device's peak FLOP/s) for the MFU in the training log (`evaluation.flops`).
+
+    FLOPs per token = 6 N + 12 L C T for the causal and masked LMs (one stack, context `block_size`); None for
+    seq2seq, whose encoder, decoder and cross-attention the formula does not describe. The peak is the dense bf16
+    peak of a known GPU and is used only when training in bf16: an fp32 run against a bf16 peak would say little."""
+    from evaluation.flops import matmul_parameters, peak_bf16_flops, transformer_flops_per_token
+
+    mc = model.config
+    flops_per_token = None
+    if config.objective != "seq2seq":
+        layers = mc.num_decoder_layers if mc.architecture == "decoder" else mc.num_encoder_layers
+        flops_per_token = transformer_flops_per_token(
+            matmul_parameters(model), layers, mc.hidden_size, config.block_size
+        )
+    peak = None
+    if accelerator.device.type == "cuda" and accelerator.mixed_precision == "bf16":
+        peak = peak_bf16_flops(torch.cuda.get_device_name(accelerator.device))
+    return flops_per_token, peak
 
 
 def load_splits(config: TrainConfig):
@@ -282,6 +304,7 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
         groups, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
+    flops_per_token, peak = mfu_terms(model, config, accelerator)  # before prepare: FSDP flattens the parameters
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     progress = Progress()
 
@@ -351,11 +374,15 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
         total=config.max_steps, initial=progress.step, disable=not accelerator.is_local_main_process, desc="train"
     )
     window_loss, window_steps = 0.0, 0
+    # Throughput over each logging window: input positions of every process per second spent in training steps
+    # (evaluations and checkpoints are not counted; the loss's .item() synchronises each step on GPU).
+    window_positions, window_time, throughput = 0, 0.0, {}
     stop = min(config.max_steps, config.stop_at_step or config.max_steps)
     while progress.step < stop:
         # Dropout and MLM masks depend only on (seed, step, process): a resumed run draws the same ones.
         step_seed = config.seed * 1_000_003 + progress.step * 1009 + accelerator.process_index
         torch.manual_seed(step_seed)
+        step_started = time.perf_counter()
         step_loss = torch.zeros((), device=accelerator.device)
         for micro in range(config.gradient_accumulation_steps):
             indices = batcher.indices(progress.micro_step)
@@ -372,6 +399,7 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
                 loss, _, count, _ = token_losses(config.objective, logits, labels, smoothing)
                 accelerator.backward(loss / config.gradient_accumulation_steps)
             step_loss += loss.detach() / config.gradient_accumulation_steps
+            window_positions += sum(v.numel() for k, v in inputs.items() if k.endswith("input_ids"))
             progress.micro_step += 1
             progress.tokens += int(count) * accelerator.num_processes
         grad_norm = None
@@ -384,11 +412,19 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         progress.step += 1
+        window_time += time.perf_counter() - step_started
 
         window_loss, window_steps = window_loss + step_loss, window_steps + 1
+        logging_step = progress.step % max(config.log_every, 1) == 0 or progress.step == config.max_steps
+        if logging_step:
+            tokens_per_s = window_positions * accelerator.num_processes / max(window_time, 1e-9)
+            mfu = None  # per device: the FLOP/s of all processes over the peak of one device times their number
+            if peak and flops_per_token:
+                mfu = flops_per_token * tokens_per_s / (peak * accelerator.num_processes)
+            throughput = {"tok_s": f"{tokens_per_s:.0f}", **({"mfu": f"{mfu:.1%}"} if mfu is not None else {})}
         bar.update(1)
-        bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-        if progress.step % max(config.log_every, 1) == 0 or progress.step == config.max_steps:
+        bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", **throughput)
+        if logging_step:
             record(
                 {
                     "kind": "train",
@@ -399,10 +435,13 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
                     "grad_norm": grad_norm,
                     "epoch": batcher.epoch_of(progress.micro_step - 1),
                     "tokens": progress.tokens,
+                    "tokens_per_s": tokens_per_s,
+                    "mfu": mfu,
                     "elapsed_s": round(time.time() - start_time, 2),
                 }
             )
             window_loss, window_steps = 0.0, 0
+            window_positions, window_time = 0, 0.0
         done = progress.step == stop
         if (config.eval_every and progress.step % config.eval_every == 0) or done:
             run_eval()
@@ -417,6 +456,15 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
     if accelerator.is_main_process:
         plot_losses(metrics, run_dir / "loss.png")
     evals = [m for m in metrics if m.get("kind") == "eval"]
+    windows = [m["tokens_per_s"] for m in metrics if m.get("kind") == "train" and m.get("tokens_per_s")]
+    # The median over logging windows: the first window carries the warm-up (allocator, kernel selection, compile).
+    tokens_per_s = statistics.median(windows) if windows else None
+    mfus = [m["mfu"] for m in metrics if m.get("kind") == "train" and m.get("mfu") is not None]
+    if tokens_per_s:
+        log(
+            f"throughput: {tokens_per_s:,.0f} tokens/s (median of {len(windows)} logging windows)"
+            + (f", MFU {statistics.median(mfus):.1%}" if mfus else "")
+        )
     log(f"final model: {final}  metrics: {metrics_path}  loss curve: {run_dir / 'loss.png'}")
     accelerator.end_training()
     return {
@@ -426,6 +474,8 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
         "first_eval": evals[0] if evals else None,
         "last_eval": evals[-1] if evals else None,
         "train_losses": [m["step_loss"] for m in metrics if m.get("kind") == "train"],
+        "tokens_per_s": tokens_per_s,
+        "mfu": statistics.median(mfus) if mfus else None,
         "elapsed_s": time.time() - start_time,
     }
 

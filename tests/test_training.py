@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import statistics
 from pathlib import Path
 
 import pytest
@@ -101,6 +102,11 @@ def test_causal_lm_loss_goes_down_and_final_folder_reloads(corpus, tmp_path):
     assert after["perplexity"] == pytest.approx(math.exp(after["eval_loss"]))
     losses = result["train_losses"]
     assert len(losses) == 30 and sum(losses[-5:]) < sum(losses[:5])
+    # Throughput per logging window (every step here): 8 x 32 input positions per step; no MFU on a CPU.
+    windows = [m for m in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())]
+    rates = [m["tokens_per_s"] for m in windows if m["kind"] == "train"]
+    assert len(rates) == 30 and all(r > 0 for r in rates) and result["tokens_per_s"] == statistics.median(rates)
+    assert all(m["mfu"] is None for m in windows if m["kind"] == "train") and result["mfu"] is None
 
     run = tmp_path / "run"
     for name in ("train_config.yaml", "metrics.jsonl", "loss.png", "checkpoints/step-0000030"):
