@@ -335,8 +335,8 @@ def parity_section(model, model_path: Path, folder: Path) -> dict:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _free(*objects) -> None:
-    del objects
+def _release_memory() -> None:
+    """Collect what the caller just `del`-ed (a reference model can be GBs) before the next model is loaded."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -411,14 +411,16 @@ def run_harness(model_path: str | Path, output_dir: str | Path, **options) -> di
                 parity_summary = parity_section(model, p.model_path, folder / "parity")
             except Exception as error:
                 errors.append(_error("parity", error))
-        _free(model, tokenizer)
+        del model, tokenizer
+        _release_memory()
         compared = [own]
         for name in o.references:
             try:
                 ref_model, ref_tokenizer, ref_label = load_lm(name)
                 ref_model.to(torch_device)
                 compared.append(quality(ref_model, ref_tokenizer, ref_label))
-                _free(ref_model, ref_tokenizer)
+                del ref_model, ref_tokenizer
+                _release_memory()
             except Exception as error:
                 errors.append(_error(f"reference {name}", error))
         report.update(
