@@ -76,8 +76,8 @@ class BenchSettings:
     mode: str = "quick"
     threads: int = 0  # 0: os.cpu_count()
     seed: int = 0
-    # Quick-mode counts: on 2 quiet cores a run takes about 2 minutes; 3 training steps per model (the first
-    # count) gave medians that moved by 20-30% between runs, mostly allocator warm-up of the optimizer state.
+    # Quick-mode counts: a run takes about 90 s on 2 quiet cores (87 s measured on 2026-12-01). With 3 training
+    # steps per model (the earlier count) the medians moved by 20-30% from one run to the next.
     warmup: int = 2
     repeats: int = 7
     families: tuple[str, ...] = FAMILIES

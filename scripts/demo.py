@@ -55,7 +55,7 @@ def run_evaluation_harness(
     """The evaluation harness on the demo: (a) parity of our attention with Hugging Face's BERT and GPT-2
     (`evaluation.parity`: each reference converted to our model, every layer and head compared, round trips);
     (b) `evaluation.harness.run_harness` on the trained model in `final_dir`: language-model quality on the
-    held-out test books of `dataset` (skipped without one), its attention report (Clark et al. measures,
+    held-out test books of `dataset` (of the sample prompts without one), its attention report (Clark et al. measures,
     induction score) and the parity of its export to GPT-2. Everything goes under `output_dir` (default
     `<run_dir>/evaluation`), with a summary in `harness.json`; `passed` is False when a parity check fails or
     cannot run.
@@ -80,6 +80,8 @@ def run_evaluation_harness(
     texts = {"dataset": dataset, "split": "test", "max_texts": max_texts} if dataset else {"texts": PROMPTS}
     model_report = run_harness(final_dir, output_dir / "model", overwrite=True, progress=False, **texts)
     attention, export = model_report["attention"], model_report["parity"]
+    if "skipped" in attention:  # the section failed: the harness recorded why; the demo cannot summarise it
+        raise RuntimeError(f"attention report of {final_dir} failed: {model_report['errors']}")
     induction, previous = attention["induction_best"], attention["best_previous_token_head"]
     results["model"] = {
         "folder": model_report["output"],
