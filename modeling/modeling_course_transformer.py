@@ -6,16 +6,24 @@ One attention module serves self-attention (encoder), masked self-attention (dec
 interface, and a layer whose weights are requested always runs the eager math, so `output_attentions=True`
 returns the exact softmax weights under every backend.
 
-The file reads top to bottom in dependency order: positions -> masks -> attention -> feed-forward -> layer
--> stack -> pretrained base -> heads.
+What transformers 5 provides is used as it is: masks from `masking_utils` (padding, causal, packed sequences
+through restarting `position_ids`, custom 4D masks, static caches, flex block masks), hidden states and attentions
+recorded by `capture_outputs` hooks, tuple outputs by `can_return_tuple`, losses by `self.loss_function` (which
+honours `shift_labels` and Trainer's `num_items_in_batch`). What the course model adds on top: exact weights from
+chosen layers (`attention_layers`) under fast backends, head ablation (`head_mask`, `cross_attn_head_mask`), ALiBi
+as a per-head bias, and input checks that name the argument, the value and what is allowed.
+
+The file reads top to bottom in dependency order: positions -> input checks -> attention -> feed-forward -> layer
+-> embeddings -> stack -> pretrained base -> heads.
 
 Notation used in shape comments:
-    B batch, T query length, S key length (cached + current), P cached length, H heads, D head dim,
-    C hidden size (d_model), F feed-forward size, V vocabulary size, L layers.
+    B batch, T query length, S key length (cached + current; a static cache's full length), P cached length,
+    H heads, D head dim, C hidden size (d_model), F feed-forward size, V vocabulary size, L layers.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Sequence
 
@@ -25,6 +33,7 @@ from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
+from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
     BaseModelOutput,
@@ -38,6 +47,10 @@ from transformers.modeling_outputs import (
     TokenClassifierOutput,
 )
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs, can_return_tuple
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_course_transformer import CourseTransformerConfig
 
@@ -93,38 +106,200 @@ def alibi_slopes(num_heads: int) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Masks: one convention, boolean True = may attend, shape (B, 1, T, S), turned into an additive bias once
+# Input checks: clear errors before any work, and nothing on the hot path
 # --------------------------------------------------------------------------------------------------------------
+# Shape, type and argument checks read host metadata only: they are free and trace without graph breaks, so they
+# always run. Checks of tensor *values* (ids in range, a 0/1 mask, labels) must read the device, which is a
+# synchronisation on an accelerator and a graph break under torch.compile. They therefore run only in eager mode
+# and only on forwards without cached tokens (training, evaluation, the prefill of generation), all values of a
+# call in one host read. A decoding step feeds back a token the model produced itself, so it pays nothing.
+
+INTEGER_DTYPES = (torch.long, torch.int, torch.int16, torch.int8, torch.uint8)
+IGNORE_INDEX = -100
 
 
-def causal_mask(query_length: int, key_length: int, device: torch.device) -> torch.Tensor:
-    """Query i (the (S - T + i)-th token overall) may attend to keys 0 .. S - T + i."""
-    offset = key_length - query_length
-    q_idx = torch.arange(query_length, device=device)[:, None] + offset  # (T, 1)
-    k_idx = torch.arange(key_length, device=device)[None, :]  # (1, S)
-    return (k_idx <= q_idx)[None, None]  # (1, 1, T, S)
+def _format(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else str(value)
 
 
-def padding_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    return attention_mask.bool()[:, None, None, :]  # (B, 1, 1, S)
+class _ValueChecks:
+    """Collects value checks and runs them with one device-to-host read."""
+
+    def __init__(self) -> None:
+        self.scalars: list[torch.Tensor] = []
+        self.reports: list[Callable[[list[float]], None]] = []
+
+    def id_range(self, name: str, ids: torch.Tensor | None, limit: int, field: str, ignore: int | None = None):
+        """`ids` in [0, limit); `ignore` (the loss's ignore index) is allowed too."""
+        if ids is None or ids.numel() == 0:
+            return
+        if ignore is not None:
+            ids = ids.masked_fill(ids == ignore, 0)
+        allowed = f"[0, {limit}) allowed by config.{field}={limit}"
+        if ignore is not None:
+            allowed = f"{ignore} (ignored) or {allowed}"
+
+        def report(values: list[float]) -> None:
+            low, high = values
+            if low < 0 or high >= limit:
+                raise ValueError(f"{name} contains {_format(low if low < 0 else high)}, outside {allowed}")
+
+        self._add([ids.min(), ids.max()], report)
+
+    def zero_one(self, name: str, mask: torch.Tensor | None) -> None:
+        if mask is None or mask.dtype == torch.bool or mask.numel() == 0:
+            return
+        bad = ((mask != 0) & (mask != 1)).flatten()  # (N,)
+        first_bad = mask.flatten()[bad.int().argmax()]
+
+        def report(values: list[float]) -> None:
+            if values[0]:
+                raise ValueError(
+                    f"{name} contains {_format(values[1])}; allowed values are 1 (attend) and 0 (padding). For an "
+                    "additive bias or a custom pattern, pass a 4D mask of shape (batch, 1, query length, key length)"
+                )
+
+        self._add([bad.any(), first_bad], report)
+
+    def _add(self, scalars: list[torch.Tensor], report: Callable[[list[float]], None]) -> None:
+        self.scalars.extend(scalars)
+        self.reports.append(report)
+
+    def run(self) -> None:
+        if not self.scalars:
+            return
+        values = torch.stack([s.float() for s in self.scalars]).tolist()  # the one host read
+        offset = 0
+        for report in self.reports:
+            count = 2  # every check contributes two scalars
+            report(values[offset : offset + count])
+            offset += count
 
 
-def additive_bias(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """0 where attending is allowed, the most negative finite value elsewhere: exp() underflows to exactly 0,
-    and a row with no allowed key stays finite (uniform) instead of NaN. Never a magic -1e9 (unsafe in fp16)."""
-    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
+def _checking_values() -> bool:
+    return not torch.compiler.is_compiling()
 
 
-def default_position_ids(
-    attention_mask: torch.Tensor | None, past_length: int, length: int, device: torch.device
-) -> torch.Tensor:
-    """Positions past .. past+T-1, shifted left by the number of leading pads so that a left-padded row gets
-    the same positions as the row run alone (right padding keeps plain 0, 1, 2, ...)."""
-    positions = torch.arange(past_length, past_length + length, device=device)[None]  # (1, T)
-    if attention_mask is not None:
-        leading_pads = (attention_mask.cumsum(-1) == 0).sum(-1, keepdim=True)  # (B, 1)
-        positions = (positions - leading_pads).clamp(min=0)  # (B, T)
-    return positions
+def _check_token_input(name: str, ids: torch.Tensor | None, embeds: torch.Tensor | None, hidden: int) -> None:
+    if (ids is None) == (embeds is None):
+        raise ValueError(f"pass exactly one of {name} and inputs_embeds")
+    if ids is not None:
+        if not isinstance(ids, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor of token ids of shape (batch, length), got {type(ids)}")
+        if ids.dtype not in INTEGER_DTYPES:
+            raise TypeError(f"{name} must be an integer tensor (torch.long), got dtype {ids.dtype}")
+        if ids.dim() != 2:
+            raise ValueError(f"{name} must have shape (batch, length), got {tuple(ids.shape)}")
+    elif not isinstance(embeds, torch.Tensor) or embeds.dim() != 3 or embeds.shape[-1] != hidden:
+        shape = tuple(embeds.shape) if isinstance(embeds, torch.Tensor) else type(embeds)
+        raise ValueError(f"inputs_embeds must have shape (batch, length, config.hidden_size={hidden}), got {shape}")
+    shape = tuple((ids if ids is not None else embeds).shape)
+    if shape[0] == 0 or shape[1] == 0:
+        source = name if ids is not None else "inputs_embeds"
+        raise ValueError(f"{source} has shape {shape}: at least one sequence of at least one token is needed")
+
+
+def _check_attention_mask(mask: torch.Tensor | None, batch: int, length: int, past_length) -> None:
+    if mask is None:
+        return
+    if not isinstance(mask, torch.Tensor):
+        if type(mask).__name__ == "BlockMask":  # a prepared flex mask, passed through as a custom mask
+            return
+        raise TypeError(f"attention_mask must be a torch.Tensor of shape (batch, length), got {type(mask)}")
+    if mask.dim() == 4:  # a custom mask, (B, 1, T, S): boolean (True = attend) or additive
+        if mask.shape[0] not in (1, batch) or mask.shape[2] != length:
+            raise ValueError(
+                f"a 4D attention_mask must have shape (batch or 1, 1, query length, key length) = "
+                f"({batch} or 1, 1, {length}, S), got {tuple(mask.shape)}"
+            )
+        return
+    known = isinstance(past_length, int)  # a static cache keeps its length on the device: no free comparison
+    if mask.dim() != 2 or mask.shape[0] != batch or (known and mask.shape[1] != past_length + length):
+        expected = (batch, past_length + length) if known else (batch, "cached + new length")
+        raise ValueError(
+            f"attention_mask has shape {tuple(mask.shape)}, expected (batch, cached + new length) = {expected} "
+            "or a 4D mask (batch, 1, query length, key length)"
+        )
+
+
+def _check_positions(config, position_ids: torch.Tensor | None, batch: int, length: int, past_length) -> None:
+    absolute = config.position_encoding in ("learned", "sinusoidal")
+    if position_ids is None:
+        # Default positions continue from the cache; only a known length can be checked for free.
+        if absolute and isinstance(past_length, int) and past_length + length > config.max_position_embeddings:
+            raise ValueError(
+                f"sequence of {past_length + length} positions (cached {past_length} + new {length}) exceeds "
+                f"config.max_position_embeddings={config.max_position_embeddings} allowed by "
+                f"position_encoding='{config.position_encoding}'"
+            )
+        return
+    if position_ids.dim() != 2 or position_ids.shape[0] not in (1, batch) or position_ids.shape[1] != length:
+        raise ValueError(
+            f"position_ids must have shape (batch or 1, length) = ({batch} or 1, {length}), "
+            f"got {tuple(position_ids.shape)}"
+        )
+
+
+def _check_head_mask(name: str, mask: torch.Tensor | None, num_layers: int, num_heads: int):
+    """(H,) or (L, H) -> (L, H); the error reports the shape that was given."""
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor) or tuple(mask.shape) not in ((num_heads,), (num_layers, num_heads)):
+        shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask)
+        raise ValueError(f"{name} has shape {shape}, expected ({num_heads},) or ({num_layers}, {num_heads})")
+    return mask.expand(num_layers, -1) if mask.dim() == 1 else mask  # (L, H)
+
+
+def _check_attention_layers(attention_layers: Sequence[int] | None, num_layers: int, stack: str) -> None:
+    if attention_layers is None:
+        return
+    if isinstance(attention_layers, (str, bytes)) or not isinstance(attention_layers, Sequence):
+        raise ValueError(
+            f"attention_layers must be a list of layer indices (the {stack} has {num_layers} layers), "
+            f"got {attention_layers!r}"
+        )
+    for index in attention_layers:
+        if isinstance(index, bool) or not isinstance(index, int) or not -num_layers <= index < num_layers:
+            raise ValueError(
+                f"attention_layers contains {index!r}; the {stack} has {num_layers} layers, so allowed indices "
+                f"are {-num_layers} .. {num_layers - 1}"
+            )
+
+
+def _check_cache(past_key_values, has_cross_attention: bool) -> None:
+    if past_key_values is None or isinstance(past_key_values, Cache):
+        return
+    kinds = "EncoderDecoderCache (or another Cache)" if has_cross_attention else "a transformers Cache"
+    raise TypeError(
+        f"past_key_values must be {kinds}, e.g. DynamicCache or StaticCache from transformers.cache_utils, "
+        f"got {type(past_key_values).__name__}"
+    )
+
+
+def _check_encoder_states(states: torch.Tensor | None, batch: int, hidden: int, source: str) -> None:
+    if states is None:
+        raise ValueError("the decoder of an encoder-decoder needs encoder_hidden_states")
+    if not isinstance(states, torch.Tensor) or states.dim() != 3 or states.shape[-1] != hidden:
+        shape = tuple(states.shape) if isinstance(states, torch.Tensor) else type(states)
+        raise ValueError(f"{source} must have shape (batch, source length, config.hidden_size={hidden}), got {shape}")
+    if states.shape[0] != batch:
+        raise ValueError(f"{source} has batch {states.shape[0]}, but the decoder inputs have batch {batch}")
+
+
+def _check_token_labels(labels: torch.Tensor | None, inputs: torch.Tensor | None, limit: int, field: str) -> None:
+    """Per-token labels line up with the tokens and are ids or -100, checked before the forward: a mismatch
+    would otherwise surface as an opaque error after all the work (or, worse, broadcast silently)."""
+    if labels is None:
+        return
+    if not isinstance(labels, torch.Tensor) or labels.dtype not in (torch.long, torch.int):
+        kind = labels.dtype if isinstance(labels, torch.Tensor) else type(labels)
+        raise TypeError(f"labels must be an integer tensor (torch.long; -100 = ignored), got {kind}")
+    if inputs is not None and tuple(labels.shape) != tuple(inputs.shape[:2]):
+        raise ValueError(f"labels has shape {tuple(labels.shape)}, expected the inputs' {tuple(inputs.shape[:2])}")
+    if _checking_values():
+        checks = _ValueChecks()
+        checks.id_range("labels", labels, limit, field, ignore=IGNORE_INDEX)
+        checks.run()
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -140,21 +315,29 @@ def eager_attention_forward(
     attention_mask: torch.Tensor | None,
     scaling: float,
     dropout: float = 0.0,
+    position_bias: torch.Tensor | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """softmax(Q Kᵀ / sqrt(d_k) + mask) V, with Q (B, H, T, D) and K, V (B, H, S, D).
+    """softmax(Q Kᵀ / sqrt(d_k) + bias + mask) V, with Q (B, H, T, D) and K, V (B, H, S, D).
 
+    `attention_mask` is what transformers' masking utilities give: an additive float mask (eager), a boolean one
+    (True = attend, sdpa), or None, which means "causal only" for a causal module as sdpa's `is_causal` does
+    (query i sees keys 0..i: exact for an uncached or static-cache prefill; a single query sees every key).
     Returns the output in (B, T, H, D) layout, as transformers' kernels do, and the weights (B, H, T, S)."""
-    # The scores tensor is fresh, so scaling and masking run in place: two fewer (B, H, T, S) allocations, and
-    # the same operations in the same order as the textbook formula (bit-identical results; autograd is
-    # unaffected because matmul's backward needs its inputs, not its output).
+    # The scores tensor is fresh, so scaling and masking run in place: fewer (B, H, T, S) allocations, the same
+    # operations in the same order as the textbook formula, and autograd is unaffected (matmul's backward needs its
+    # inputs, not its output).
     scores = torch.matmul(query, key.transpose(-1, -2)).mul_(scaling)  # (B, H, T, S)
-    if attention_mask is not None:
-        scores.add_(attention_mask)  # additive bias: 0 or finfo.min (+ ALiBi), broadcast from (B|1, H|1, T, S)
-    elif module.is_causal and query.shape[2] > 1:
-        # No explicit mask means "causal only": the kernels use is_causal=True, so eager must too.
-        allowed = causal_mask(query.shape[2], key.shape[2], query.device)  # (1, 1, T, S)
-        scores.masked_fill_(~allowed, torch.finfo(scores.dtype).min)
+    if position_bias is not None:
+        scores = scores + position_bias  # ALiBi, (1|B, H, T, S); out of place: the bias may broadcast the batch
+    if attention_mask is None:
+        if module.is_causal and query.shape[2] > 1:
+            future = torch.ones(query.shape[2], key.shape[2], dtype=torch.bool, device=query.device).triu(1)
+            scores.masked_fill_(future, torch.finfo(scores.dtype).min)  # (T, S) broadcast
+    elif attention_mask.dtype == torch.bool:
+        scores.masked_fill_(~attention_mask, torch.finfo(scores.dtype).min)  # (B|1, 1, T, S), True = attend
+    else:
+        scores.add_(attention_mask)  # additive: 0 or finfo.min, broadcast from (B|1, 1, T, S)
     # Softmax in fp32 so that bf16/fp16 runs return probabilities that sum to 1.
     weights = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)  # (B, H, T, S)
     weights = F.dropout(weights, p=dropout, training=module.training)
@@ -166,7 +349,8 @@ class CourseTransformerAttention(nn.Module):
     """Multi-head attention: self (encoder), masked self (decoder, `is_causal`) or cross (`is_cross_attention`).
 
     Q = X W_Q, K = Y W_K, V = Y W_V with Y = X for self-attention and Y = the encoder output for
-    cross-attention; the heads' outputs are concatenated and projected by W_O."""
+    cross-attention; the heads' outputs are concatenated and projected by W_O. Returns (output, weights): the
+    weights only when `output_attentions` is set for this layer (transformers' output recording reads index 1)."""
 
     def __init__(self, config: CourseTransformerConfig, layer_idx: int, is_causal: bool, is_cross_attention: bool):
         super().__init__()
@@ -188,19 +372,13 @@ class CourseTransformerAttention(nn.Module):
     def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
         return x.view(x.shape[0], x.shape[1], self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, *, D)
 
-    def forward(
+    def _keys_values(
         self,
         hidden_states: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        key_value_states: torch.Tensor | None = None,
-        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
-        past_key_values: Cache | None = None,
-        output_attentions: bool = False,
-        head_mask: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        batch, length, width = hidden_states.shape  # (B, T, C)
-        query = self._split_heads(self.q_proj(hidden_states))  # (B, H, T, D)
-
+        key_value_states: torch.Tensor | None,
+        past_key_values: Cache | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Project K and V and go through the cache: appended for self-attention, computed once for cross."""
         cache = past_key_values
         if isinstance(past_key_values, EncoderDecoderCache):
             cache = (
@@ -208,26 +386,44 @@ class CourseTransformerAttention(nn.Module):
                 if self.is_cross_attention
                 else past_key_values.self_attention_cache
             )
-
-        if self.is_cross_attention:
-            # The encoder output does not change while decoding: project it once, then reuse the cache.
-            if isinstance(past_key_values, EncoderDecoderCache) and past_key_values.is_updated.get(self.layer_idx):
-                key = cache.layers[self.layer_idx].keys  # (B, H, S, D)
-                value = cache.layers[self.layer_idx].values
-            else:
-                key = self._split_heads(self.k_proj(key_value_states))  # (B, H, S, D)
-                value = self._split_heads(self.v_proj(key_value_states))
-                if isinstance(past_key_values, EncoderDecoderCache):
-                    key, value = cache.update(key, value, self.layer_idx)
-                    past_key_values.is_updated[self.layer_idx] = True
-        else:
+        if not self.is_cross_attention:
             key = self._split_heads(self.k_proj(hidden_states))  # (B, H, T, D)
             value = self._split_heads(self.v_proj(hidden_states))
+            return key, value
+        # The encoder output does not change while decoding: project it once, then reuse the cache.
+        if isinstance(past_key_values, EncoderDecoderCache) and past_key_values.is_updated.get(self.layer_idx):
+            return cache.layers[self.layer_idx].keys, cache.layers[self.layer_idx].values  # (B, H, S, D)
+        key = self._split_heads(self.k_proj(key_value_states))  # (B, H, S, D)
+        value = self._split_heads(self.v_proj(key_value_states))
+        if isinstance(past_key_values, EncoderDecoderCache):
+            key, value = cache.update(key, value, self.layer_idx)
+            past_key_values.is_updated[self.layer_idx] = True
+        return key, value
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        key_value_states: torch.Tensor | None = None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        past_key_values: Cache | None = None,
+        head_mask: torch.Tensor | None = None,
+        position_bias: torch.Tensor | None = None,
+        output_attentions: bool = False,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        batch, length, width = hidden_states.shape  # (B, T, C)
+        query = self._split_heads(self.q_proj(hidden_states))  # (B, H, T, D)
+        key, value = self._keys_values(hidden_states, key_value_states, past_key_values)
+        if not self.is_cross_attention:
             if position_embeddings is not None:  # rotary positions act on queries and keys only
                 cos, sin = position_embeddings
                 query, key = apply_rope(query, cos, sin), apply_rope(key, cos, sin)
-            if cache is not None:
-                key, value = cache.update(key, value, self.layer_idx)  # (B, H, S, D) with S = P + T
+            if past_key_values is not None:
+                cache = past_key_values
+                if isinstance(past_key_values, EncoderDecoderCache):
+                    cache = past_key_values.self_attention_cache
+                key, value = cache.update(key, value, self.layer_idx)  # (B, H, S, D): S = P + T, or the static size
 
         implementation = self.config._attn_implementation or "eager"
         if output_attentions or implementation == "eager":
@@ -235,15 +431,8 @@ class CourseTransformerAttention(nn.Module):
             attention_fn: Callable = eager_attention_forward
         else:
             attention_fn = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
-        extra = {}
-        if (
-            attention_fn is not eager_attention_forward
-            and implementation == "flex_attention"
-            and attention_mask is not None
-            and attention_mask.shape[1] > 1
-        ):
-            # transformers' flex wrapper reads head 0 of a mask; a per-head bias (ALiBi) goes in `position_bias`.
-            extra["position_bias"], attention_mask = attention_mask, None
+        if position_bias is not None:
+            kwargs["position_bias"] = position_bias
         output, weights = attention_fn(
             self,
             query,
@@ -252,23 +441,22 @@ class CourseTransformerAttention(nn.Module):
             attention_mask,
             scaling=self.scaling,
             dropout=self.attention_dropout if self.training else 0.0,
-            is_causal=self.is_causal,
-            **extra,
-        )  # (B, T, H, D), (B, H, T, S) or None
+            **kwargs,
+        )  # (B, T, H, D), and (B, H, T, S) from eager (flex returns its log-sum-exp here: not weights)
 
         if head_mask is not None:
             # Zeroing a head's output equals zeroing its attention weights (output = weights @ V), so ablation
             # works with every kernel, fused ones included.
             head_mask = head_mask.to(output.dtype)
             output = output * head_mask.view(1, 1, self.num_heads, 1)  # (B, T, H, D)
-            if weights is not None:
+            if output_attentions:
                 weights = weights * head_mask.view(1, self.num_heads, 1, 1)
         output = self.o_proj(output.reshape(batch, length, width))  # (B, T, C): concat heads, project by W_O
         return output, (weights if output_attentions else None)
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Feed-forward, layer, stack
+# Feed-forward, layer, embeddings
 # --------------------------------------------------------------------------------------------------------------
 
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
@@ -293,7 +481,10 @@ class CourseTransformerFeedForward(nn.Module):
 
 class CourseTransformerLayer(GradientCheckpointingLayer):
     """Self-attention, optional cross-attention, feed-forward; each sub-layer wrapped in a residual connection
-    with LayerNorm after the sum (`post`, 2017/BERT) or before the sub-layer (`pre`, GPT-2)."""
+    with LayerNorm after the sum (`post`, 2017/BERT) or before the sub-layer (`pre`, GPT-2).
+
+    Every tensor argument is positional so that re-entrant gradient checkpointing sees it (keyword tensors
+    bypass its autograd function: the encoder states of an encoder-decoder would lose their gradient)."""
 
     def __init__(self, config: CourseTransformerConfig, layer_idx: int, is_decoder: bool, has_cross_attention: bool):
         super().__init__()
@@ -308,12 +499,10 @@ class CourseTransformerLayer(GradientCheckpointingLayer):
         self.ffn = CourseTransformerFeedForward(config)
         self.ffn_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
-    def _residual(self, norm: nn.Module, sublayer: Callable, hidden_states: torch.Tensor):
+    def _residual(self, norm: nn.Module, sublayer: Callable, hidden_states: torch.Tensor) -> torch.Tensor:
         if self.pre_norm:
-            output, weights = sublayer(norm(hidden_states))
-            return hidden_states + self.dropout(output), weights
-        output, weights = sublayer(hidden_states)
-        return norm(hidden_states + self.dropout(output)), weights
+            return hidden_states + self.dropout(sublayer(norm(hidden_states)))
+        return norm(hidden_states + self.dropout(sublayer(hidden_states)))
 
     def forward(
         self,
@@ -322,35 +511,40 @@ class CourseTransformerLayer(GradientCheckpointingLayer):
         encoder_hidden_states: torch.Tensor | None = None,
         encoder_attention_mask: torch.Tensor | None = None,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
-        past_key_values: Cache | None = None,
-        output_attentions: bool = False,
+        position_bias: torch.Tensor | None = None,
         head_mask: torch.Tensor | None = None,
         cross_attn_head_mask: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        hidden_states, self_weights = self._residual(
-            self.self_attn_norm,
-            lambda x: self.self_attn(
-                x, attention_mask, None, position_embeddings, past_key_values, output_attentions, head_mask
-            ),
-            hidden_states,
-        )
-        cross_weights = None
+        past_key_values: Cache | None = None,
+        output_attentions: bool = False,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> torch.Tensor:
+        def self_attention(x: torch.Tensor) -> torch.Tensor:
+            return self.self_attn(
+                x,
+                attention_mask,
+                position_embeddings=position_embeddings,
+                past_key_values=past_key_values,
+                head_mask=head_mask,
+                position_bias=position_bias,
+                output_attentions=output_attentions,
+                **kwargs,
+            )[0]
+
+        def cross_attention(x: torch.Tensor) -> torch.Tensor:
+            return self.cross_attn(
+                x,
+                encoder_attention_mask,
+                key_value_states=encoder_hidden_states,
+                past_key_values=past_key_values,
+                head_mask=cross_attn_head_mask,
+                output_attentions=output_attentions,
+                **kwargs,
+            )[0]
+
+        hidden_states = self._residual(self.self_attn_norm, self_attention, hidden_states)
         if self.cross_attn is not None:
-            hidden_states, cross_weights = self._residual(
-                self.cross_attn_norm,
-                lambda x: self.cross_attn(
-                    x,
-                    encoder_attention_mask,
-                    encoder_hidden_states,
-                    None,
-                    past_key_values,
-                    output_attentions,
-                    cross_attn_head_mask,
-                ),
-                hidden_states,
-            )
-        hidden_states, _ = self._residual(self.ffn_norm, lambda x: (self.ffn(x), None), hidden_states)
-        return hidden_states, self_weights, cross_weights  # (B, T, C), (B, H, T, S) | None, (B, H, T, S_enc) | None
+            hidden_states = self._residual(self.cross_attn_norm, cross_attention, hidden_states)
+        return self._residual(self.ffn_norm, self.ffn, hidden_states)  # (B, T, C)
 
 
 class CourseTransformerEmbeddings(nn.Module):
@@ -401,263 +595,8 @@ class CourseTransformerEmbeddings(nn.Module):
         return self.dropout(embeddings)
 
 
-def _check_ids(name: str, ids: torch.Tensor, limit: int, field: str) -> None:
-    """Fail with a clear message before an embedding lookup would fail with an opaque index error."""
-    if ids.dtype not in (torch.long, torch.int, torch.int16, torch.int8, torch.uint8):
-        raise TypeError(f"{name} must be an integer tensor (torch.long), got dtype {ids.dtype}")
-    if ids.numel() == 0:
-        return
-    low, high = int(ids.min()), int(ids.max())
-    if low < 0 or high >= limit:
-        bad = low if low < 0 else high
-        raise ValueError(f"{name} contains {bad}, outside [0, {limit}) allowed by config.{field}={limit}")
-
-
-def _check_token_labels(labels: torch.Tensor | None, inputs: torch.Tensor | None, name: str = "input_ids") -> None:
-    """Per-token labels must line up with the tokens: a mismatch would otherwise surface as an opaque error deep
-    in the loss (or, worse, broadcast silently)."""
-    if labels is None or inputs is None:
-        return
-    expected = tuple(inputs.shape[:2])
-    if tuple(labels.shape) != expected:
-        raise ValueError(f"labels has shape {tuple(labels.shape)}, expected the shape of {name} {expected}")
-    if labels.dtype not in (torch.long, torch.int):
-        raise TypeError(f"labels must be an integer tensor (torch.long; -100 = ignored), got {labels.dtype}")
-
-
-def _check_attention_layers(attention_layers: Sequence[int] | None, num_layers: int, stack: str) -> None:
-    if attention_layers is None:
-        return
-    for index in attention_layers:
-        if isinstance(index, bool) or not isinstance(index, int) or not -num_layers <= index < num_layers:
-            raise ValueError(
-                f"attention_layers contains {index!r}; the {stack} has {num_layers} layers, so allowed indices "
-                f"are {-num_layers} .. {num_layers - 1}"
-            )
-
-
-def _layer_selected(layer_idx: int, attention_layers: Sequence[int] | None, num_layers: int) -> bool:
-    if attention_layers is None:
-        return True
-    return any(layer_idx == (i % num_layers) for i in attention_layers)
-
-
-class CourseTransformerStack(nn.Module):
-    """The encoder (bidirectional self-attention) or the decoder (masked self-attention, and cross-attention when
-    the model is an encoder-decoder): embeddings, L layers and, with pre-norm, a final LayerNorm."""
-
-    def __init__(self, config: CourseTransformerConfig, is_decoder: bool):
-        super().__init__()
-        self.config = config
-        self.is_decoder = is_decoder
-        self.has_cross_attention = is_decoder and config.is_encoder_decoder
-        num_layers = config.num_decoder_layers if is_decoder else config.num_encoder_layers
-        self.embeddings = CourseTransformerEmbeddings(config)
-        self.layers = nn.ModuleList(
-            CourseTransformerLayer(config, i, is_decoder, self.has_cross_attention) for i in range(num_layers)
-        )
-        self.final_norm = (
-            nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if config.norm_placement == "pre" else None
-        )
-        if config.position_encoding == "rope":
-            self.register_buffer(
-                "rope_inv_freq", rope_inverse_frequencies(config.head_dim, config.rope_theta), persistent=False
-            )
-        elif config.position_encoding == "alibi":
-            self.register_buffer("alibi_slopes", alibi_slopes(config.num_attention_heads), persistent=False)
-        self.gradient_checkpointing = False
-
-    def _self_attention_bias(
-        self,
-        attention_mask: torch.Tensor | None,
-        length: int,
-        past_length: int,
-        dtype: torch.dtype,
-        device: torch.device,
-    ) -> torch.Tensor | None:
-        """Additive bias (B|1, H|1, T, S) for self-attention, or None when the kernel's own `is_causal` (decoder)
-        or no mask at all (encoder) is exact: that keeps the fastest sdpa path."""
-        key_length = past_length + length
-        has_padding = attention_mask is not None and not bool(attention_mask.all())
-        alibi = self.config.position_encoding == "alibi"
-        if not has_padding and not alibi and (not self.is_decoder or past_length == 0 or length == 1):
-            return None
-        allowed = torch.ones(1, 1, length, key_length, dtype=torch.bool, device=device)  # (1, 1, T, S)
-        if self.is_decoder:
-            allowed = allowed & causal_mask(length, key_length, device)
-        if has_padding:
-            allowed = allowed & padding_mask(attention_mask)  # (B, 1, T, S)
-        bias = additive_bias(allowed, dtype)
-        if alibi:
-            q_idx = torch.arange(past_length, key_length, device=device)[:, None]  # (T, 1)
-            k_idx = torch.arange(key_length, device=device)[None, :]  # (1, S)
-            distance = (q_idx - k_idx).abs().to(dtype)  # (T, S)
-            bias = bias - self.alibi_slopes.to(dtype)[:, None, None] * distance  # (B|1, H, T, S)
-        return bias
-
-    def forward(
-        self,
-        input_ids: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        token_type_ids: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        encoder_hidden_states: torch.Tensor | None = None,
-        encoder_attention_mask: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
-        use_cache: bool | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
-        attention_layers: Sequence[int] | None = None,
-        head_mask: torch.Tensor | None = None,
-        cross_attn_head_mask: torch.Tensor | None = None,
-        return_dict: bool | None = None,
-    ) -> BaseModelOutputWithPastAndCrossAttentions:
-        config = self.config
-        output_attentions = config.output_attentions if output_attentions is None else output_attentions
-        output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
-        name = "decoder_input_ids" if self.is_decoder and config.is_encoder_decoder else "input_ids"
-
-        # ---- validate inputs before any heavy work
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError(f"pass exactly one of {name} and inputs_embeds")
-        if input_ids is not None:
-            if input_ids.dim() != 2:
-                raise ValueError(f"{name} must have shape (batch, length), got {tuple(input_ids.shape)}")
-            _check_ids(name, input_ids, config.vocab_size, "vocab_size")
-        if inputs_embeds is not None and (inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != config.hidden_size):
-            raise ValueError(
-                f"inputs_embeds must have shape (batch, length, config.hidden_size={config.hidden_size}), "
-                f"got {tuple(inputs_embeds.shape)}"
-            )
-        batch, length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
-        device = (input_ids if input_ids is not None else inputs_embeds).device
-        stack = "decoder" if self.is_decoder else "encoder"
-        _check_attention_layers(attention_layers, len(self.layers), stack)
-
-        use_cache = use_cache if use_cache is not None else (config.use_cache and self.is_decoder)
-        if not self.is_decoder:
-            use_cache = False
-        if self.gradient_checkpointing and self.training:
-            use_cache = False
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=config)
-            if self.has_cross_attention:
-                past_key_values = EncoderDecoderCache(past_key_values, DynamicCache(config=config))
-        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
-        if attention_mask is not None and tuple(attention_mask.shape) != (batch, past_length + length):
-            raise ValueError(
-                f"attention_mask has shape {tuple(attention_mask.shape)}, expected (batch, cached + new length) = "
-                f"{(batch, past_length + length)}"
-            )
-        if (
-            attention_mask is not None
-            and attention_mask.dtype != torch.bool
-            and bool(((attention_mask != 0) & (attention_mask != 1)).any())
-        ):
-            bad = attention_mask[(attention_mask != 0) & (attention_mask != 1)][0].item()
-            raise ValueError(
-                f"attention_mask contains {bad}; allowed values are 1 (attend) and 0 (padding). For an additive "
-                "bias or a custom pattern, mask the scores instead"
-            )
-        if token_type_ids is not None:
-            if config.type_vocab_size == 0:
-                raise ValueError("token_type_ids given, but config.type_vocab_size=0 (the model has no token types)")
-            _check_ids("token_type_ids", token_type_ids, config.type_vocab_size, "type_vocab_size")
-        if position_ids is None:
-            position_ids = default_position_ids(attention_mask, past_length, length, device)
-        else:
-            if position_ids.dim() != 2 or position_ids.shape[0] not in (1, batch) or position_ids.shape[1] != length:
-                raise ValueError(
-                    f"position_ids must have shape (batch or 1, length) = ({batch} or 1, {length}), "
-                    f"got {tuple(position_ids.shape)}"
-                )
-            if config.position_encoding in ("learned", "sinusoidal"):
-                _check_ids("position_ids", position_ids, config.max_position_embeddings, "max_position_embeddings")
-        if (
-            config.position_encoding in ("learned", "sinusoidal")
-            and past_length + length > config.max_position_embeddings
-        ):
-            raise ValueError(
-                f"sequence of {past_length + length} positions (cached {past_length} + new {length}) exceeds "
-                f"config.max_position_embeddings={config.max_position_embeddings} allowed by "
-                f"position_encoding='{config.position_encoding}'"
-            )
-        if self.has_cross_attention and encoder_hidden_states is None:
-            raise ValueError("the decoder of an encoder-decoder needs encoder_hidden_states")
-        num_layers = len(self.layers)
-        if head_mask is not None:
-            head_mask = head_mask.expand(num_layers, -1) if head_mask.dim() == 1 else head_mask  # (L, H)
-            if tuple(head_mask.shape) != (num_layers, config.num_attention_heads):
-                raise ValueError(
-                    f"head_mask has shape {tuple(head_mask.shape)}, expected ({config.num_attention_heads},) or "
-                    f"({num_layers}, {config.num_attention_heads})"
-                )
-        if cross_attn_head_mask is not None and cross_attn_head_mask.dim() == 1:
-            cross_attn_head_mask = cross_attn_head_mask.expand(num_layers, -1)
-
-        implementation = config._attn_implementation or "eager"
-        if implementation.startswith("flash") and (
-            config.position_encoding == "alibi"
-            or (attention_mask is not None and not bool(attention_mask.all()))
-            or (encoder_attention_mask is not None and not bool(encoder_attention_mask.all()))
-        ):
-            # The flash kernels take no additive bias: padded batches and ALiBi need sdpa, flex or eager.
-            raise ValueError(
-                f"attn_implementation={implementation!r} supports unpadded batches without ALiBi only; "
-                "use 'sdpa' for padded batches or position_encoding='alibi'"
-            )
-
-        # ---- embeddings and masks
-        hidden_states = self.embeddings(input_ids, position_ids, token_type_ids, inputs_embeds)  # (B, T, C)
-        dtype = hidden_states.dtype
-        self_bias = self._self_attention_bias(attention_mask, length, past_length, dtype, device)
-        cross_bias = None
-        if self.has_cross_attention and encoder_attention_mask is not None and not bool(encoder_attention_mask.all()):
-            cross_bias = additive_bias(padding_mask(encoder_attention_mask), dtype)  # (B, 1, 1, S_enc)
-        position_embeddings = None
-        if config.position_encoding == "rope":
-            position_embeddings = rope_cos_sin(position_ids, self.rope_inv_freq, dtype)  # 2 x (B, T, D)
-
-        all_hidden_states = (hidden_states,) if output_hidden_states else None
-        all_attentions = () if output_attentions else None
-        all_cross_attentions = () if output_attentions and self.has_cross_attention else None
-        for idx, layer in enumerate(self.layers):
-            record = bool(output_attentions) and _layer_selected(idx, attention_layers, num_layers)
-            hidden_states, self_weights, cross_weights = layer(
-                hidden_states,
-                attention_mask=self_bias,
-                encoder_hidden_states=encoder_hidden_states,
-                encoder_attention_mask=cross_bias,
-                position_embeddings=position_embeddings,
-                past_key_values=past_key_values,
-                output_attentions=record,
-                head_mask=head_mask[idx] if head_mask is not None else None,
-                cross_attn_head_mask=cross_attn_head_mask[idx] if cross_attn_head_mask is not None else None,
-            )
-            if record:
-                all_attentions += (self_weights,)
-                if all_cross_attentions is not None:
-                    all_cross_attentions += (cross_weights,)
-            if output_hidden_states and idx < num_layers - 1:
-                all_hidden_states += (hidden_states,)
-        if self.final_norm is not None:
-            hidden_states = self.final_norm(hidden_states)
-        if output_hidden_states and num_layers > 0:
-            # The last entry is the stack's output (after the final norm), so hidden_states[-1] == last_hidden_state.
-            all_hidden_states += (hidden_states,)
-
-        return BaseModelOutputWithPastAndCrossAttentions(
-            last_hidden_state=hidden_states,
-            past_key_values=past_key_values if use_cache else None,
-            hidden_states=all_hidden_states,
-            attentions=all_attentions,
-            cross_attentions=all_cross_attentions,
-        )
-
-
 # --------------------------------------------------------------------------------------------------------------
-# Pretrained base and models
+# Pretrained base, stack
 # --------------------------------------------------------------------------------------------------------------
 
 
@@ -672,6 +611,9 @@ class CourseTransformerPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_flex_attn = True
     _supports_attention_backend = True
+    # No value is read back to the host inside a compiled forward (see the input checks above), and the masks,
+    # positions and caches are transformers' own, which trace with static caches.
+    _can_compile_fullgraph = True
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -690,6 +632,230 @@ class CourseTransformerPreTrainedModel(PreTrainedModel):
         if isinstance(module, nn.LayerNorm):
             init.ones_(module.weight)
             init.zeros_(module.bias)
+
+
+def default_position_ids(attention_mask: torch.Tensor | None, past_length, length: int, device) -> torch.Tensor:
+    """Positions past .. past+T-1, shifted left by the number of leading pads so that a left-padded row gets
+    the same positions as the row run alone (right padding keeps plain 0, 1, 2, ...). `past_length` may be a
+    tensor (a static cache): only tensor arithmetic here, no host read."""
+    positions = torch.arange(length, device=device)[None] + past_length  # (1, T)
+    if attention_mask is not None and attention_mask.dim() == 2:
+        leading_pads = (attention_mask.cumsum(-1) == 0).sum(-1, keepdim=True)  # (B, 1)
+        positions = (positions - leading_pads).clamp(min=0)  # (B, T)
+    return positions
+
+
+def _layer_selected(layer_idx: int, attention_layers: Sequence[int] | None, num_layers: int) -> bool:
+    if attention_layers is None:
+        return True
+    return any(layer_idx == (i % num_layers) for i in attention_layers)
+
+
+def _dense_mask_config(config: CourseTransformerConfig) -> CourseTransformerConfig:
+    """A view of the config whose masks come out dense (sdpa's boolean form): the eager math of a recorded layer
+    cannot read flex's block mask. Only built when weights are recorded under flex."""
+    view = copy.copy(config)
+    view._attn_implementation_internal = "sdpa"
+    return view
+
+
+class CourseTransformerStack(CourseTransformerPreTrainedModel):
+    """The encoder (bidirectional self-attention) or the decoder (masked self-attention, and cross-attention when
+    the model is an encoder-decoder): embeddings, L layers and, with pre-norm, a final LayerNorm.
+
+    A pretrained submodel of its own, as BART's encoder and decoder are, so that transformers' output recording
+    gives each stack its own hidden states and attentions (encoder_* and decoder_* in the seq2seq output)."""
+
+    _can_record_outputs = {
+        "hidden_states": CourseTransformerLayer,
+        "attentions": OutputRecorder(CourseTransformerAttention, index=1, layer_name="self_attn"),
+        "cross_attentions": OutputRecorder(CourseTransformerAttention, index=1, layer_name="cross_attn"),
+    }
+
+    def __init__(self, config: CourseTransformerConfig, is_decoder: bool):
+        super().__init__(config)
+        self.is_decoder = is_decoder
+        self.has_cross_attention = is_decoder and config.is_encoder_decoder
+        num_layers = config.num_decoder_layers if is_decoder else config.num_encoder_layers
+        self.embeddings = CourseTransformerEmbeddings(config)
+        self.layers = nn.ModuleList(
+            CourseTransformerLayer(config, i, is_decoder, self.has_cross_attention) for i in range(num_layers)
+        )
+        self.final_norm = (
+            nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if config.norm_placement == "pre" else None
+        )
+        if config.position_encoding == "rope":
+            self.register_buffer(
+                "rope_inv_freq", rope_inverse_frequencies(config.head_dim, config.rope_theta), persistent=False
+            )
+        elif config.position_encoding == "alibi":
+            self.register_buffer("alibi_slopes", alibi_slopes(config.num_attention_heads), persistent=False)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    @property
+    def input_name(self) -> str:
+        return "decoder_input_ids" if self.is_decoder and self.config.is_encoder_decoder else "input_ids"
+
+    def _check_inputs(self, input_ids, inputs_embeds, attention_mask, token_type_ids, position_ids, past_length):
+        """Every check that reads metadata only, then (fresh forwards in eager mode) the value checks."""
+        config, name = self.config, self.input_name
+        _check_token_input(name, input_ids, inputs_embeds, config.hidden_size)
+        batch, length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
+        _check_attention_mask(attention_mask, batch, length, past_length)
+        if token_type_ids is not None and config.type_vocab_size == 0:
+            raise ValueError("token_type_ids given, but config.type_vocab_size=0 (the model has no token types)")
+        _check_positions(config, position_ids, batch, length, past_length)
+        if config.position_encoding == "alibi" and (config._attn_implementation or "").startswith("flash"):
+            raise ValueError(
+                f"attn_implementation={config._attn_implementation!r} takes no additive bias, so it cannot run "
+                "position_encoding='alibi'; use 'sdpa', 'flex_attention' or 'eager'"
+            )
+        if not (isinstance(past_length, int) and past_length == 0 and _checking_values()):
+            return
+        checks = _ValueChecks()
+        checks.id_range(name, input_ids, config.vocab_size, "vocab_size")
+        checks.id_range("token_type_ids", token_type_ids, config.type_vocab_size, "type_vocab_size")
+        two_d = isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2
+        checks.zero_one("attention_mask", attention_mask if two_d else None)
+        if config.position_encoding in ("learned", "sinusoidal"):
+            checks.id_range("position_ids", position_ids, config.max_position_embeddings, "max_position_embeddings")
+        checks.run()
+
+    def _masks(self, config, embeds, attention_mask, cache, position_ids, encoder_hidden_states, encoder_mask):
+        """Self- and cross-attention masks from transformers' masking utilities, in the form the backend wants."""
+        if self.is_decoder:
+            self_mask = create_causal_mask(
+                config=config,
+                inputs_embeds=embeds,
+                attention_mask=attention_mask,
+                past_key_values=cache,
+                position_ids=position_ids,
+            )
+        else:
+            self_mask = create_bidirectional_mask(config=config, inputs_embeds=embeds, attention_mask=attention_mask)
+        cross_mask = None
+        if self.has_cross_attention:
+            cross_mask = create_bidirectional_mask(
+                config=config,
+                inputs_embeds=embeds,
+                attention_mask=encoder_mask,
+                encoder_hidden_states=encoder_hidden_states,
+            )
+        return self_mask, cross_mask
+
+    def _alibi_bias(self, cache: Cache | None, batch: int, length: int, embeds: torch.Tensor) -> torch.Tensor:
+        """-m_h |i - j| over absolute query and key indices (Press et al. 2022), (1|B, H, T, S). Inside one sequence
+        of a padded or packed row these differ from the positions by a constant, which softmax ignores."""
+        q_offset, kv_length, kv_offset = 0, length, 0
+        if cache is not None:
+            q_offset = cache.get_query_offset(0)  # a tensor for a static cache: no host read
+            kv_length, kv_offset = cache.get_mask_sizes(length, 0)
+        q_idx = torch.arange(length, device=embeds.device)[:, None] + q_offset  # (T, 1)
+        k_idx = torch.arange(kv_length, device=embeds.device)[None, :] + kv_offset  # (1, S)
+        distance = (q_idx - k_idx).abs().to(embeds.dtype)  # (T, S)
+        bias = -self.alibi_slopes.to(embeds.dtype)[None, :, None, None] * distance  # (1, H, T, S)
+        if self.config._attn_implementation == "flex_attention":
+            bias = bias.expand(batch, -1, -1, -1)  # flex's score_mod indexes the bias by batch
+        return bias
+
+    @merge_with_config_defaults
+    @capture_outputs
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        use_cache: bool | None = None,
+        attention_layers: Sequence[int] | None = None,
+        head_mask: torch.Tensor | None = None,
+        cross_attn_head_mask: torch.Tensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> BaseModelOutputWithPastAndCrossAttentions:
+        config, num_layers = self.config, len(self.layers)
+        record = kwargs.pop("output_attentions", None)
+        record = bool(config.output_attentions if record is None else record)
+        kwargs.pop("output_hidden_states", None)  # recorded by hooks, not by the layers
+        _check_cache(past_key_values, self.has_cross_attention)
+        _check_attention_layers(attention_layers, num_layers, "decoder" if self.is_decoder else "encoder")
+        heads = config.num_attention_heads
+        head_mask = _check_head_mask("head_mask", head_mask, num_layers, heads)
+        cross_attn_head_mask = _check_head_mask("cross_attn_head_mask", cross_attn_head_mask, num_layers, heads)
+
+        use_cache = bool(use_cache) and self.is_decoder
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=config)
+            if self.has_cross_attention:
+                past_key_values = EncoderDecoderCache(past_key_values, DynamicCache(config=config))
+        self_cache = past_key_values
+        if isinstance(past_key_values, EncoderDecoderCache):
+            self_cache = past_key_values.self_attention_cache
+        past_length = self_cache.get_seq_length() if self_cache is not None else 0
+        self._check_inputs(input_ids, inputs_embeds, attention_mask, token_type_ids, position_ids, past_length)
+        if self.has_cross_attention:
+            batch = (input_ids if input_ids is not None else inputs_embeds).shape[0]
+            _check_encoder_states(encoder_hidden_states, batch, config.hidden_size, "encoder_hidden_states")
+
+        given_positions = position_ids
+        if position_ids is None:
+            position_ids = default_position_ids(
+                attention_mask, past_length, *self._length_and_device(input_ids, inputs_embeds)
+            )
+        hidden_states = self.embeddings(input_ids, position_ids, token_type_ids, inputs_embeds)  # (B, T, C)
+
+        # An empty dynamic cache sizes the masks like no cache at all; passing none lets a packed batch (restarting
+        # position_ids) be detected even when use_cache is on. A static cache must be passed: it sets the key length.
+        mask_cache = self_cache
+        if isinstance(self_cache, DynamicCache) and isinstance(past_length, int) and past_length == 0:
+            mask_cache = None
+        mask_args = (hidden_states, attention_mask, mask_cache, given_positions, encoder_hidden_states)
+        fast_masks = self._masks(config, *mask_args, encoder_attention_mask)
+        dense_masks = fast_masks
+        if record and config._attn_implementation == "flex_attention":
+            dense_masks = self._masks(_dense_mask_config(config), *mask_args, encoder_attention_mask)
+        position_embeddings = None
+        if config.position_encoding == "rope":
+            position_embeddings = rope_cos_sin(position_ids, self.rope_inv_freq, hidden_states.dtype)  # 2 x (B, T, D)
+        position_bias = None
+        if config.position_encoding == "alibi":
+            position_bias = self._alibi_bias(mask_cache, *hidden_states.shape[:2], hidden_states)
+
+        for idx, layer in enumerate(self.layers):
+            recorded = record and _layer_selected(idx, attention_layers, num_layers)
+            self_mask, cross_mask = dense_masks if recorded else fast_masks
+            hidden_states = layer(
+                hidden_states,
+                self_mask,
+                encoder_hidden_states,
+                cross_mask,
+                position_embeddings,
+                position_bias,
+                head_mask[idx] if head_mask is not None else None,
+                cross_attn_head_mask[idx] if cross_attn_head_mask is not None else None,
+                past_key_values=past_key_values,
+                output_attentions=recorded,
+                **kwargs,
+            )  # (B, T, C)
+        if self.final_norm is not None:
+            hidden_states = self.final_norm(hidden_states)
+        return BaseModelOutputWithPastAndCrossAttentions(
+            last_hidden_state=hidden_states, past_key_values=past_key_values if use_cache else None
+        )
+
+    @staticmethod
+    def _length_and_device(input_ids, inputs_embeds) -> tuple[int, torch.device]:
+        source = input_ids if input_ids is not None else inputs_embeds
+        return source.shape[1], source.device
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Models
+# --------------------------------------------------------------------------------------------------------------
 
 
 def _word_embedding_key(config: CourseTransformerConfig) -> str:
@@ -715,13 +881,14 @@ class CourseTransformerModel(CourseTransformerPreTrainedModel):
     (decoder) or `Seq2SeqModelOutput` (encoder-decoder). `output_attentions=True` returns the softmax weights of
     every layer under every backend; `attention_layers=[i, ...]` restricts that to chosen layers (negative indices
     count from the end) so the other layers keep the fast kernel. `head_mask` (H,) or (L, H) multiplies each head's
-    output: 0 ablates a head."""
+    output: 0 ablates a head. `add_pooling_layer` overrides the config (heads that never pool build no pooler)."""
 
-    def __init__(self, config: CourseTransformerConfig):
+    def __init__(self, config: CourseTransformerConfig, add_pooling_layer: bool | None = None):
         super().__init__(config)
         self.encoder = CourseTransformerStack(config, is_decoder=False) if config.has_encoder else None
         self.decoder = CourseTransformerStack(config, is_decoder=True) if config.has_decoder else None
-        self.pooler = CourseTransformerPooler(config) if config.add_pooling_layer else None
+        add_pooling_layer = config.add_pooling_layer if add_pooling_layer is None else add_pooling_layer
+        self.pooler = CourseTransformerPooler(config) if add_pooling_layer else None
         # The encoder-decoder shares one token embedding between its stacks (Vaswani et al. 2017, 3.4).
         self._tied_weights_keys = (
             {"decoder.embeddings.word_embeddings.weight": "encoder.embeddings.word_embeddings.weight"}
@@ -741,6 +908,7 @@ class CourseTransformerModel(CourseTransformerPreTrainedModel):
     def get_encoder(self, modality: str | None = None) -> nn.Module:
         return self.encoder if self.encoder is not None else self
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.Tensor | None = None,
@@ -755,23 +923,24 @@ class CourseTransformerModel(CourseTransformerPreTrainedModel):
         encoder_outputs: BaseModelOutput | tuple | None = None,
         past_key_values: Cache | None = None,
         use_cache: bool | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
         attention_layers: Sequence[int] | None = None,
         head_mask: torch.Tensor | None = None,
         decoder_head_mask: torch.Tensor | None = None,
         cross_attn_head_mask: torch.Tensor | None = None,
-        return_dict: bool | None = None,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> BaseModelOutputWithPoolingAndCrossAttentions | BaseModelOutputWithPastAndCrossAttentions | Seq2SeqModelOutput:
-        shared = dict(
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
+        inputs = dict(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
             attention_layers=attention_layers,
+            head_mask=head_mask,
+            return_dict=True,
         )
         if self.config.architecture == "encoder":
-            out = self.encoder(
-                input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, head_mask=head_mask, **shared
-            )
+            out = self.encoder(**inputs, **kwargs)
             return BaseModelOutputWithPoolingAndCrossAttentions(
                 last_hidden_state=out.last_hidden_state,
                 pooler_output=self.pooler(out.last_hidden_state) if self.pooler is not None else None,
@@ -779,42 +948,28 @@ class CourseTransformerModel(CourseTransformerPreTrainedModel):
                 attentions=out.attentions,
             )
         if self.config.architecture == "decoder":
-            return self.decoder(
-                input_ids,
-                attention_mask,
-                token_type_ids,
-                position_ids,
-                inputs_embeds,
-                past_key_values=past_key_values,
-                use_cache=use_cache,
-                head_mask=head_mask,
-                **shared,
-            )
+            return self.decoder(**inputs, past_key_values=past_key_values, use_cache=use_cache, **kwargs)
 
         if decoder_input_ids is None and decoder_inputs_embeds is None:
             raise ValueError(
                 "the encoder-decoder needs decoder_input_ids (or decoder_inputs_embeds); "
                 "CourseTransformerForSeq2SeqLM also derives them from labels"
             )
-        if encoder_outputs is None:
-            encoder_outputs = self.encoder(
-                input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, head_mask=head_mask, **shared
-            )
-        elif isinstance(encoder_outputs, tuple):
-            encoder_outputs = BaseModelOutput(*encoder_outputs)
+        encoder_outputs = self._encode(encoder_outputs, inputs, kwargs)
         decoder_out = self.decoder(
-            decoder_input_ids,
-            decoder_attention_mask,
-            None,
-            decoder_position_ids,
-            decoder_inputs_embeds,
+            input_ids=decoder_input_ids,
+            attention_mask=decoder_attention_mask,
+            position_ids=decoder_position_ids,
+            inputs_embeds=decoder_inputs_embeds,
             encoder_hidden_states=encoder_outputs.last_hidden_state,
             encoder_attention_mask=attention_mask,
             past_key_values=past_key_values,
             use_cache=use_cache,
+            attention_layers=attention_layers,
             head_mask=decoder_head_mask,
             cross_attn_head_mask=cross_attn_head_mask,
-            **shared,
+            return_dict=True,
+            **kwargs,
         )
         return Seq2SeqModelOutput(
             last_hidden_state=decoder_out.last_hidden_state,
@@ -823,9 +978,21 @@ class CourseTransformerModel(CourseTransformerPreTrainedModel):
             decoder_attentions=decoder_out.attentions,
             cross_attentions=decoder_out.cross_attentions,
             encoder_last_hidden_state=encoder_outputs.last_hidden_state,
-            encoder_hidden_states=getattr(encoder_outputs, "hidden_states", None),
-            encoder_attentions=getattr(encoder_outputs, "attentions", None),
+            encoder_hidden_states=encoder_outputs.hidden_states,
+            encoder_attentions=encoder_outputs.attentions,
         )
+
+    def _encode(self, encoder_outputs, inputs: dict, kwargs: dict) -> BaseModelOutput:
+        """Run the encoder, or take its outputs as given (generation encodes once), checked for width."""
+        if encoder_outputs is None:
+            return self.encoder(**inputs, **kwargs)
+        if isinstance(encoder_outputs, (tuple, list)):
+            encoder_outputs = BaseModelOutput(*encoder_outputs)
+        states = getattr(encoder_outputs, "last_hidden_state", None)  # any ModelOutput of an encoder
+        batch_source = inputs["input_ids"] if inputs["input_ids"] is not None else states
+        batch = batch_source.shape[0] if isinstance(batch_source, torch.Tensor) else 0
+        _check_encoder_states(states, batch, self.config.hidden_size, "encoder_outputs[0] (last_hidden_state)")
+        return encoder_outputs
 
 
 def _require_architecture(model_class: str, config: CourseTransformerConfig, allowed: tuple[str, ...]) -> None:
@@ -835,19 +1002,23 @@ def _require_architecture(model_class: str, config: CourseTransformerConfig, all
         )
 
 
-def _encoder_like(model: CourseTransformerModel, **kwargs) -> BaseModelOutputWithPastAndCrossAttentions:
-    """Run the stack that reads a whole sequence: the encoder when there is one, else the decoder."""
-    stack = model.encoder if model.encoder is not None else model.decoder
-    return stack(**kwargs)
+def _keep_last(hidden_states: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.Tensor:
+    """Generation needs the last position's logits only; an int keeps the last n (0 = all), a tensor indexes."""
+    keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+    return hidden_states[:, keep]
+
+
+def _inputs_of(input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> torch.Tensor | None:
+    return input_ids if isinstance(input_ids, torch.Tensor) else inputs_embeds
 
 
 class CourseTransformerForCausalLM(CourseTransformerPreTrainedModel, GenerationMixin):
-    """Decoder-only language model (GPT): next-token logits, KV-cached generation."""
+    """Decoder-only language model (GPT): next-token logits, KV-cached generation (dynamic or static cache)."""
 
     def __init__(self, config: CourseTransformerConfig):
         super().__init__(config)
         _require_architecture(type(self).__name__, config, ("decoder",))
-        self.model = CourseTransformerModel(config)
+        self.model = CourseTransformerModel(config, add_pooling_layer=False)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self._tied_weights_keys = {"lm_head.weight": "model.decoder.embeddings.word_embeddings.weight"}
         self.post_init()
@@ -858,6 +1029,7 @@ class CourseTransformerForCausalLM(CourseTransformerPreTrainedModel, GenerationM
     def set_output_embeddings(self, value: nn.Linear) -> None:
         self.lm_head = value
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.Tensor | None = None,
@@ -868,15 +1040,12 @@ class CourseTransformerForCausalLM(CourseTransformerPreTrainedModel, GenerationM
         past_key_values: Cache | None = None,
         labels: torch.Tensor | None = None,
         use_cache: bool | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
         attention_layers: Sequence[int] | None = None,
         head_mask: torch.Tensor | None = None,
-        logits_to_keep: int = 0,
-        return_dict: bool | None = None,
-        **kwargs,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> CausalLMOutputWithCrossAttentions:
-        _check_token_labels(labels, input_ids if input_ids is not None else inputs_embeds)
+        _check_token_labels(labels, _inputs_of(input_ids, inputs_embeds), self.config.vocab_size, "vocab_size")
         out = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -885,21 +1054,15 @@ class CourseTransformerForCausalLM(CourseTransformerPreTrainedModel, GenerationM
             inputs_embeds=inputs_embeds,
             past_key_values=past_key_values,
             use_cache=use_cache,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
             attention_layers=attention_layers,
             head_mask=head_mask,
+            return_dict=True,
+            **kwargs,
         )
-        hidden_states = out.last_hidden_state
-        if logits_to_keep:  # generation only needs the last position's logits
-            hidden_states = hidden_states[:, -logits_to_keep:]
-        logits = self.lm_head(hidden_states)  # (B, T, V)
+        logits = self.lm_head(_keep_last(out.last_hidden_state, logits_to_keep))  # (B, T, V)
         loss = None
-        if labels is not None:
-            # Position t predicts token t+1; -100 marks positions without a target (padding).
-            loss = F.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=-100
-            )
+        if labels is not None:  # position t predicts token t+1 (or `shift_labels` when given); -100 is ignored
+            loss = self.loss_function(logits, labels, vocab_size=self.config.vocab_size, **kwargs)
         return CausalLMOutputWithCrossAttentions(
             loss=loss,
             logits=logits,
@@ -914,7 +1077,7 @@ def shift_tokens_right(labels: torch.Tensor, pad_token_id: int, decoder_start_to
     shifted = labels.new_full(labels.shape, pad_token_id)  # (B, T)
     shifted[:, 1:] = labels[:, :-1]
     shifted[:, 0] = decoder_start_token_id
-    return shifted.masked_fill(shifted == -100, pad_token_id)
+    return shifted.masked_fill(shifted == IGNORE_INDEX, pad_token_id)
 
 
 class CourseTransformerForSeq2SeqLM(CourseTransformerPreTrainedModel, GenerationMixin):
@@ -924,9 +1087,12 @@ class CourseTransformerForSeq2SeqLM(CourseTransformerPreTrainedModel, Generation
     def __init__(self, config: CourseTransformerConfig):
         super().__init__(config)
         _require_architecture(type(self).__name__, config, ("encoder-decoder",))
-        self.model = CourseTransformerModel(config)
+        self.model = CourseTransformerModel(config, add_pooling_layer=False)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self._tied_weights_keys = {"lm_head.weight": "model.encoder.embeddings.word_embeddings.weight"}
+        # The labels are already aligned with the decoder's logits (its inputs are the labels shifted right), so
+        # the loss is the unshifted token cross-entropy that transformers calls the masked-LM loss.
+        self.loss_type = "ForMaskedLM"
         self.post_init()
 
     def get_output_embeddings(self) -> nn.Linear:
@@ -938,6 +1104,7 @@ class CourseTransformerForSeq2SeqLM(CourseTransformerPreTrainedModel, Generation
     def get_encoder(self, modality: str | None = None) -> nn.Module:
         return self.model.encoder
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.Tensor | None = None,
@@ -953,16 +1120,16 @@ class CourseTransformerForSeq2SeqLM(CourseTransformerPreTrainedModel, Generation
         past_key_values: Cache | None = None,
         labels: torch.Tensor | None = None,
         use_cache: bool | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
         attention_layers: Sequence[int] | None = None,
         head_mask: torch.Tensor | None = None,
         decoder_head_mask: torch.Tensor | None = None,
         cross_attn_head_mask: torch.Tensor | None = None,
-        logits_to_keep: int = 0,
-        return_dict: bool | None = None,
-        **kwargs,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> Seq2SeqLMOutput:
+        _check_token_labels(
+            labels, _inputs_of(decoder_input_ids, decoder_inputs_embeds), self.config.vocab_size, "vocab_size"
+        )
         if labels is not None and decoder_input_ids is None and decoder_inputs_embeds is None:
             decoder_input_ids = shift_tokens_right(
                 labels, self.config.pad_token_id or 0, self.config.decoder_start_token_id
@@ -980,20 +1147,17 @@ class CourseTransformerForSeq2SeqLM(CourseTransformerPreTrainedModel, Generation
             encoder_outputs=encoder_outputs,
             past_key_values=past_key_values,
             use_cache=use_cache,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
             attention_layers=attention_layers,
             head_mask=head_mask,
             decoder_head_mask=decoder_head_mask,
             cross_attn_head_mask=cross_attn_head_mask,
+            return_dict=True,
+            **kwargs,
         )
-        hidden_states = out.last_hidden_state
-        if logits_to_keep:
-            hidden_states = hidden_states[:, -logits_to_keep:]
-        logits = self.lm_head(hidden_states)  # (B, T, V)
+        logits = self.lm_head(_keep_last(out.last_hidden_state, logits_to_keep))  # (B, T, V)
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100)
+            loss = self.loss_function(logits, labels, vocab_size=self.config.vocab_size, **kwargs)
         return Seq2SeqLMOutput(
             loss=loss,
             logits=logits,
@@ -1020,13 +1184,18 @@ class CourseTransformerMaskedLMHead(nn.Module):
         return self.layer_norm(self.act(self.dense(hidden_states)))  # (B, T, C)
 
 
+# The encoder-only heads run one stack; on an encoder-decoder config the other stack would be dead weight (no
+# gradients, DDP's unused-parameter error), so they take a single-stack architecture.
+SINGLE_STACK = ("encoder", "decoder")
+
+
 class CourseTransformerForMaskedLM(CourseTransformerPreTrainedModel):
     """Masked language model (BERT): predicts the tokens hidden behind [MASK] from both sides."""
 
     def __init__(self, config: CourseTransformerConfig):
         super().__init__(config)
-        _require_architecture(type(self).__name__, config, ("encoder", "encoder-decoder"))
-        self.model = CourseTransformerModel(config)
+        _require_architecture(type(self).__name__, config, ("encoder",))
+        self.model = CourseTransformerModel(config, add_pooling_layer=False)
         self.transform = CourseTransformerMaskedLMHead(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=True)
         self._tied_weights_keys = {"lm_head.weight": f"model.{_word_embedding_key(config)}"}
@@ -1038,6 +1207,7 @@ class CourseTransformerForMaskedLM(CourseTransformerPreTrainedModel):
     def set_output_embeddings(self, value: nn.Linear) -> None:
         self.lm_head = value
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.Tensor | None = None,
@@ -1046,67 +1216,83 @@ class CourseTransformerForMaskedLM(CourseTransformerPreTrainedModel):
         position_ids: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
         attention_layers: Sequence[int] | None = None,
         head_mask: torch.Tensor | None = None,
-        return_dict: bool | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> MaskedLMOutput:
-        _check_token_labels(labels, input_ids if input_ids is not None else inputs_embeds)
-        out = _encoder_like(
-            self.model,
+        _check_token_labels(labels, _inputs_of(input_ids, inputs_embeds), self.config.vocab_size, "vocab_size")
+        out = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             token_type_ids=token_type_ids,
             position_ids=position_ids,
             inputs_embeds=inputs_embeds,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
             attention_layers=attention_layers,
             head_mask=head_mask,
+            return_dict=True,
+            **kwargs,
         )
         logits = self.lm_head(self.transform(out.last_hidden_state))  # (B, T, V)
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100)
+            loss = self.loss_function(logits, labels, vocab_size=self.config.vocab_size, **kwargs)
         return MaskedLMOutput(loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions)
+
+
+def _resolve_pooling(config: CourseTransformerConfig) -> str:
+    """`auto`: BERT's pooler when the config has one, the last token for a causal decoder, else the first."""
+    if config.classifier_pooling != "auto":
+        return config.classifier_pooling
+    if config.add_pooling_layer:
+        return "pooler"
+    return "last" if config.architecture == "decoder" else "first"
 
 
 class CourseTransformerForSequenceClassification(CourseTransformerPreTrainedModel):
     """A sequence summarised by `config.classifier_pooling` (BERT's pooler, the first token such as [CLS], the
-    last non-padding token as in GPT, or the mean over tokens), then a linear classifier."""
+    last non-padding token as in GPT, or the mean over tokens), then a linear classifier.
+
+    Not transformers' `GenericForSequenceClassification`: that one pools the last token only and names its layer
+    `score`; the course model offers BERT's pooler, first-token and mean pooling, and keeps BERT's `classifier`."""
 
     def __init__(self, config: CourseTransformerConfig):
         super().__init__(config)
+        _require_architecture(type(self).__name__, config, SINGLE_STACK)
         self.num_labels = config.num_labels
-        self.model = CourseTransformerModel(config)
+        self.pooling = _resolve_pooling(config)
+        self.model = CourseTransformerModel(config, add_pooling_layer=self.pooling == "pooler")
         dropout = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         self.post_init()
 
-    def _pool(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        pooling = self.config.classifier_pooling
-        if pooling == "auto":  # BERT's pooler when present, the last token for a causal decoder, else the first
-            pooling = (
-                "pooler"
-                if self.model.pooler is not None
-                else ("last" if self.config.architecture == "decoder" else "first")
-            )
-        if pooling == "pooler":
-            return self.model.pooler(hidden_states)  # (B, C)
-        if pooling == "first":
+    def _pool(self, out, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        hidden_states = out.last_hidden_state  # (B, T, C)
+        if self.pooling == "pooler":
+            pooled = getattr(out, "pooler_output", None)
+            return pooled if pooled is not None else self.model.pooler(hidden_states)  # (B, C)
+        if self.pooling == "first":
             return hidden_states[:, 0]
-        if attention_mask is None:
+        if attention_mask is None or attention_mask.dim() != 2:
             attention_mask = torch.ones(hidden_states.shape[:2], dtype=torch.long, device=hidden_states.device)
-        if pooling == "last":
+        if self.pooling == "last":
             positions = torch.arange(hidden_states.shape[1], device=hidden_states.device)  # (T,)
             last = (positions * attention_mask).argmax(-1)  # (B,) index of the last real token, any padding side
             return hidden_states[torch.arange(hidden_states.shape[0], device=hidden_states.device), last]
         weights = attention_mask.to(hidden_states.dtype)[..., None]  # (B, T, 1)
         return (hidden_states * weights).sum(1) / weights.sum(1).clamp(min=1.0)  # (B, C)
 
+    def _check_labels(self, labels: torch.Tensor | None) -> None:
+        config = self.config
+        if labels is None or not isinstance(labels, torch.Tensor) or labels.dtype not in (torch.long, torch.int):
+            return
+        single_label = config.num_labels > 1 and config.problem_type in (None, "single_label_classification")
+        if single_label and _checking_values():
+            checks = _ValueChecks()
+            checks.id_range("labels", labels, config.num_labels, "num_labels")
+            checks.run()
+
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.Tensor | None = None,
@@ -1115,64 +1301,47 @@ class CourseTransformerForSequenceClassification(CourseTransformerPreTrainedMode
         position_ids: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
         attention_layers: Sequence[int] | None = None,
         head_mask: torch.Tensor | None = None,
-        return_dict: bool | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> SequenceClassifierOutput:
-        out = _encoder_like(
-            self.model,
+        self._check_labels(labels)
+        out = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             token_type_ids=token_type_ids,
             position_ids=position_ids,
             inputs_embeds=inputs_embeds,
             use_cache=False,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
             attention_layers=attention_layers,
             head_mask=head_mask,
+            return_dict=True,
+            **kwargs,
         )
-        logits = self.classifier(self.dropout(self._pool(out.last_hidden_state, attention_mask)))  # (B, num_labels)
+        logits = self.classifier(self.dropout(self._pool(out, attention_mask)))  # (B, num_labels)
         loss = None
         if labels is not None:
-            loss = _classification_loss(self.config, logits, labels)
+            loss = self.loss_function(labels, logits, self.config, **kwargs)
         return SequenceClassifierOutput(
             loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions
         )
 
 
-def _classification_loss(config: CourseTransformerConfig, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    problem = config.problem_type
-    if problem is None:
-        if config.num_labels == 1:
-            problem = "regression"
-        elif labels.dtype in (torch.long, torch.int):
-            problem = "single_label_classification"
-        else:
-            problem = "multi_label_classification"
-        config.problem_type = problem
-    if problem == "regression":
-        return F.mse_loss(logits.squeeze(-1).float(), labels.float().view(-1))
-    if problem == "single_label_classification":
-        return F.cross_entropy(logits.float().view(-1, config.num_labels), labels.view(-1))
-    return F.binary_cross_entropy_with_logits(logits.float(), labels.float())
-
-
 class CourseTransformerForTokenClassification(CourseTransformerPreTrainedModel):
-    """A label for every token (tagging, named entities)."""
+    """A label for every token (tagging, named entities). Like transformers' generic token classifier, but with
+    BERT's `classifier` name and the config's dropout, so converted BERT taggers keep their keys."""
 
     def __init__(self, config: CourseTransformerConfig):
         super().__init__(config)
+        _require_architecture(type(self).__name__, config, SINGLE_STACK)
         self.num_labels = config.num_labels
-        self.model = CourseTransformerModel(config)
+        self.model = CourseTransformerModel(config, add_pooling_layer=False)
         dropout = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         self.post_init()
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.Tensor | None = None,
@@ -1181,30 +1350,27 @@ class CourseTransformerForTokenClassification(CourseTransformerPreTrainedModel):
         position_ids: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
         attention_layers: Sequence[int] | None = None,
         head_mask: torch.Tensor | None = None,
-        return_dict: bool | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> TokenClassifierOutput:
-        _check_token_labels(labels, input_ids if input_ids is not None else inputs_embeds)
-        out = _encoder_like(
-            self.model,
+        _check_token_labels(labels, _inputs_of(input_ids, inputs_embeds), self.config.num_labels, "num_labels")
+        out = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             token_type_ids=token_type_ids,
             position_ids=position_ids,
             inputs_embeds=inputs_embeds,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
+            use_cache=False,
             attention_layers=attention_layers,
             head_mask=head_mask,
+            return_dict=True,
+            **kwargs,
         )
         logits = self.classifier(self.dropout(out.last_hidden_state))  # (B, T, num_labels)
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(logits.reshape(-1, self.num_labels).float(), labels.reshape(-1), ignore_index=-100)
+            loss = self.loss_function(logits, labels, self.config, **kwargs)
         return TokenClassifierOutput(
             loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions
         )

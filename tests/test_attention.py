@@ -182,7 +182,7 @@ def test_head_mask_ablates_heads_under_every_backend():
     model = tiny_model("encoder")
     layer = model.model.encoder.layers[0]
     x = torch.randn(1, 6, 32)
-    out, _, _ = layer(x, head_mask=torch.zeros(4))
+    out = layer(x, head_mask=torch.zeros(4))  # a layer returns its hidden states; hooks record the weights
     o_bias = layer.self_attn.o_proj.bias
     expected = layer.ffn_norm(layer.self_attn_norm(x + o_bias) + layer.ffn(layer.self_attn_norm(x + o_bias)))
     torch.testing.assert_close(out, expected, atol=ATOL, rtol=0)
