@@ -536,14 +536,7 @@ def to_bert(
     `CourseTransformerModel` -> `BertModel` (with the pooler iff ours has one)."""
     config = model.config
     bert_config = course_config_to_bert(config)
-    if isinstance(model, CourseTransformerForMaskedLM):
-        if model.model.pooler is not None:
-            _refuse(
-                "BertForMaskedLM",
-                "add_pooling_layer",
-                True,
-                "BertForMaskedLM has no pooler; export the bare CourseTransformerModel to BertModel instead",
-            )
+    if isinstance(model, CourseTransformerForMaskedLM):  # like BertForMaskedLM, it has no pooler
         native = _new_model(BertForMaskedLM, bert_config, model, attn_implementation)
         rules = bert_rules(config, pooler=False, mlm_head=True)
     elif isinstance(model, CourseTransformerModel):

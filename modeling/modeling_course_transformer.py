@@ -600,6 +600,28 @@ class CourseTransformerEmbeddings(nn.Module):
 # --------------------------------------------------------------------------------------------------------------
 
 
+# Every Auto class that fits an architecture. transformers writes only the saved class into a folder's `auto_map`;
+# ours writes all of these, so that a folder of any head loads through every fitting Auto class with remote code.
+AUTO_CLASSES_FOR_ARCHITECTURE: dict[str, dict[str, str]] = {
+    "decoder": {
+        "AutoModel": "CourseTransformerModel",
+        "AutoModelForCausalLM": "CourseTransformerForCausalLM",
+        "AutoModelForSequenceClassification": "CourseTransformerForSequenceClassification",
+        "AutoModelForTokenClassification": "CourseTransformerForTokenClassification",
+    },
+    "encoder": {
+        "AutoModel": "CourseTransformerModel",
+        "AutoModelForMaskedLM": "CourseTransformerForMaskedLM",
+        "AutoModelForSequenceClassification": "CourseTransformerForSequenceClassification",
+        "AutoModelForTokenClassification": "CourseTransformerForTokenClassification",
+    },
+    "encoder-decoder": {
+        "AutoModel": "CourseTransformerModel",
+        "AutoModelForSeq2SeqLM": "CourseTransformerForSeq2SeqLM",
+    },
+}
+
+
 class CourseTransformerPreTrainedModel(PreTrainedModel):
     config_class = CourseTransformerConfig
     config: CourseTransformerConfig
@@ -614,6 +636,14 @@ class CourseTransformerPreTrainedModel(PreTrainedModel):
     # No value is read back to the host inside a compiled forward (see the input checks above), and the masks,
     # positions and caches are transformers' own, which trace with static caches.
     _can_compile_fullgraph = True
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        if self._auto_class is not None:  # registered for remote code (importing `modeling` does it)
+            module = type(self).__module__.rsplit(".", 1)[-1]
+            fitting = AUTO_CLASSES_FOR_ARCHITECTURE[self.config.architecture]
+            auto_map = {auto: f"{module}.{cls}" for auto, cls in fitting.items()}
+            self.config.auto_map = {**auto_map, **(getattr(self.config, "auto_map", None) or {})}
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:

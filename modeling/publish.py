@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import CheckpointError, read_config, validate_checkpoint_folder, weight_files
+from .modeling_course_transformer import AUTO_CLASSES_FOR_ARCHITECTURE
 
 logger = logging.getLogger(__name__)
 
@@ -53,16 +54,6 @@ TASKS = {
     "CourseTransformerModel": ("feature-extraction", "AutoModel"),
 }
 # Auto classes a checkpoint of each architecture can be loaded with (heads share the base through its prefix).
-AUTO_CLASSES_FOR_ARCHITECTURE = {
-    "decoder": ("AutoModel", "AutoModelForCausalLM", "AutoModelForSequenceClassification"),
-    "encoder": (
-        "AutoModel",
-        "AutoModelForMaskedLM",
-        "AutoModelForSequenceClassification",
-        "AutoModelForTokenClassification",
-    ),
-    "encoder-decoder": ("AutoModel", "AutoModelForSeq2SeqLM"),
-}
 BLOCKED_PACKAGES = ("modeling", "evaluation", "scripts")
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 LICENSE = re.compile(r"^[a-z0-9][a-z0-9.+-]*$")
@@ -342,9 +333,8 @@ def _write_config(source: Path, target: Path, architecture: str) -> None:
     auto_map.setdefault("AutoConfig", "configuration_course_transformer.CourseTransformerConfig")
     import modeling
 
-    classes = {auto.__name__: cls.__name__ for auto, cls in modeling.AUTO_CLASSES.items()}
-    for auto_name in AUTO_CLASSES_FOR_ARCHITECTURE[architecture]:
-        auto_map.setdefault(auto_name, f"modeling_course_transformer.{classes[auto_name]}")
+    for auto_name, class_name in AUTO_CLASSES_FOR_ARCHITECTURE[architecture].items():
+        auto_map.setdefault(auto_name, f"modeling_course_transformer.{class_name}")
     fields["auto_map"] = auto_map
     if architecture == "encoder-decoder" and not fields.get("custom_pipelines"):
         fields["custom_pipelines"] = modeling.CourseTransformerConfig(architecture="encoder-decoder").custom_pipelines

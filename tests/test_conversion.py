@@ -407,7 +407,7 @@ def test_rope_model_refuses_gpt2_export_before_building_anything():
         to_gpt2(modeling.CourseTransformerForCausalLM(config))
 
 
-def test_masked_lm_with_pooler_refuses_bert_masked_lm_export():
+def test_masked_lm_builds_no_pooler_so_a_pooled_config_exports_to_bert_masked_lm():
     config = _course(
         architecture="encoder",
         position_encoding="learned",
@@ -416,8 +416,13 @@ def test_masked_lm_with_pooler_refuses_bert_masked_lm_export():
         scale_embeddings=False,
         add_pooling_layer=True,
     )
-    with pytest.raises(ValueError, match="add_pooling_layer=True"):
-        to_bert(modeling.CourseTransformerForMaskedLM(config))
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    ours = modeling.CourseTransformerForMaskedLM(config).eval()
+    assert ours.model.pooler is None  # the MLM head never pools: a pooler would be a parameter without gradients
+    native = to_bert(ours).eval()
+    ids = torch.randint(0, config.vocab_size, (2, 6), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(native(ids).logits, ours(ids).logits, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize(
