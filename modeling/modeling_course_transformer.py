@@ -985,6 +985,12 @@ class CourseTransformerModel(CourseTransformerPreTrainedModel):
                 "the encoder-decoder needs decoder_input_ids (or decoder_inputs_embeds); "
                 "CourseTransformerForSeq2SeqLM also derives them from labels"
             )
+        # Shape checks of the decoder side are free: run them before the encoder does any work.
+        layers, heads = self.config.num_decoder_layers, self.config.num_attention_heads
+        _check_head_mask("decoder_head_mask", decoder_head_mask, layers, heads)
+        _check_head_mask("cross_attn_head_mask", cross_attn_head_mask, layers, heads)
+        if decoder_input_ids is not None:
+            _check_token_input("decoder_input_ids", decoder_input_ids, None, self.config.hidden_size)
         encoder_outputs = self._encode(encoder_outputs, inputs, kwargs)
         decoder_out = self.decoder(
             input_ids=decoder_input_ids,

@@ -182,6 +182,92 @@ def test_more_model_inputs_are_named(call, needle):
     assert needle in str(err.value)
 
 
+# Inputs that used to fail vaguely (a reshape error deep in transformers, an AttributeError, an IndexError after the
+# whole forward): each is now named, with its value and what is allowed, before the first layer runs.
+SEQ_IDS = torch.ones(1, 3, dtype=torch.long)
+VAGUE_BEFORE = [
+    ("decoder", lambda m: m(torch.ones(1, 0, dtype=torch.long)), ValueError, ["input_ids has shape (1, 0)"]),
+    ("decoder", lambda m: m(torch.ones(0, 4, dtype=torch.long)), ValueError, ["input_ids has shape (0, 4)"]),
+    ("encoder", lambda m: m(torch.ones(1, 0, dtype=torch.long)), ValueError, ["input_ids has shape (1, 0)"]),
+    ("decoder", lambda m: m(IDS, past_key_values=((1, 2),)), TypeError, ["past_key_values must be", "tuple"]),
+    ("decoder", lambda m: m([[1, 2, 3]]), TypeError, ["input_ids must be a torch.Tensor", "list"]),
+    ("decoder", lambda m: m(IDS, labels=torch.tensor([[1, 2, 64, 3]])), ValueError, ["labels contains 64", "[0, 64)"]),
+    ("decoder", lambda m: m(IDS, labels=torch.tensor([[1, -5, 2, 3]])), ValueError, ["labels contains -5", "-100"]),
+    ("decoder", lambda m: m(IDS, head_mask=torch.ones(3)), ValueError, ["head_mask has shape (3,)", "(4,) or (2, 4)"]),
+    (
+        "decoder",
+        lambda m: m(IDS, output_attentions=True, attention_layers="all"),
+        ValueError,
+        ["attention_layers must be a list of layer indices", "'all'"],
+    ),
+    (
+        "encoder-decoder",
+        lambda m: m(IDS, decoder_input_ids=SEQ_IDS, cross_attn_head_mask=torch.ones(2, 3)),
+        ValueError,
+        ["cross_attn_head_mask has shape (2, 3)", "(4,) or (2, 4)"],
+    ),
+    (
+        "encoder-decoder",
+        lambda m: m(encoder_outputs=(torch.zeros(1, 4, 16),), decoder_input_ids=SEQ_IDS),
+        ValueError,
+        ["encoder_outputs[0]", "hidden_size=32", "(1, 4, 16)"],
+    ),
+    (
+        "encoder-decoder",
+        lambda m: m(IDS, decoder_input_ids=SEQ_IDS, labels=torch.tensor([[5, 99, 2]])),
+        ValueError,
+        ["labels contains 99", "[0, 64)"],
+    ),
+]
+
+
+@pytest.mark.parametrize("arch,call,error,needles", VAGUE_BEFORE)
+def test_formerly_vague_inputs_are_named_before_any_layer_runs(arch, call, error, needles, monkeypatch):
+    model = tiny_model(arch, attn_implementation="sdpa")  # sdpa: the empty input used to die inside its wrapper
+    for stack in (model.model.encoder, model.model.decoder):
+        if stack is not None:
+            monkeypatch.setattr(stack.layers[0], "forward", lambda *a, **k: pytest.fail("a layer ran"))
+    with pytest.raises(error) as err:
+        call(model)
+    for needle in needles:
+        assert needle in str(err.value), (needle, str(err.value))
+
+
+@pytest.mark.parametrize(
+    "head,labels,needle",
+    [
+        ("sequence", torch.tensor([0, 3]), "labels contains 3, outside [0, 3) allowed by config.num_labels=3"),
+        ("token", torch.tensor([[0, 1, 2, 3], [0, 1, -100, 2]]), "labels contains 3, outside -100 (ignored)"),
+    ],
+)
+def test_class_labels_beyond_num_labels_are_named(head, labels, needle, monkeypatch):
+    classes = {
+        "sequence": modeling.CourseTransformerForSequenceClassification,
+        "token": modeling.CourseTransformerForTokenClassification,
+    }
+    from conftest import tiny_config
+
+    model = classes[head](tiny_config("encoder", num_labels=3)).eval()
+    monkeypatch.setattr(model.model.encoder.layers[0], "forward", lambda *a, **k: pytest.fail("a layer ran"))
+    with pytest.raises(ValueError) as err:
+        model(torch.ones(2, 4, dtype=torch.long), labels=labels)
+    assert needle in str(err.value)
+
+
+def test_decoding_steps_read_nothing_back_but_prefill_still_checks(monkeypatch):
+    """Value checks cost one host read on a forward without cached tokens and none on a decoding step."""
+    model = tiny_model("decoder")
+    reads = []
+    original = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: reads.append(self.shape) or original(self))
+    out = model(torch.tensor([[3, 4, 5]]), use_cache=True)
+    assert len(reads) == 1  # ids and mask checked together in one read
+    model(torch.tensor([[6]]), past_key_values=out.past_key_values, use_cache=True)
+    assert len(reads) == 1  # the decoding step read nothing
+    with pytest.raises(ValueError, match="input_ids contains 64"):
+        model(torch.tensor([[3, 64]]))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # 3. Checkpoint files
 # ---------------------------------------------------------------------------------------------------------------
