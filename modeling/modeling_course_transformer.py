@@ -21,8 +21,6 @@ Notation used in shape comments:
     H heads, D head dim, C hidden size (d_model), F feed-forward size, V vocabulary size, L layers.
 """
 
-from __future__ import annotations
-
 import copy
 import math
 from collections.abc import Callable, Sequence
@@ -547,6 +545,10 @@ class CourseTransformerLayer(GradientCheckpointingLayer):
         return self._residual(self.ffn_norm, self.ffn, hidden_states)  # (B, T, C)
 
 
+class CourseTransformerWordEmbedding(nn.Embedding):
+    """The token embedding; its own class so that initialisation can tell it from the position embeddings."""
+
+
 class CourseTransformerEmbeddings(nn.Module):
     """Token embedding (x sqrt(d_model) when `scale_embeddings`) + absolute positions (sinusoidal or learned)
     + token types, then the optional LayerNorm (BERT) and dropout. RoPE and ALiBi act inside attention."""
@@ -554,7 +556,7 @@ class CourseTransformerEmbeddings(nn.Module):
     def __init__(self, config: CourseTransformerConfig):
         super().__init__()
         self.config = config
-        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.word_embeddings = CourseTransformerWordEmbedding(config.vocab_size, config.hidden_size)
         self.scale = math.sqrt(config.hidden_size) if config.scale_embeddings else 1.0
         self.position_embeddings = None
         if config.position_encoding == "learned":
@@ -648,6 +650,12 @@ class CourseTransformerPreTrainedModel(PreTrainedModel):
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         # transformers' `init` helpers skip tensors that were loaded from a checkpoint; raw in-place fills would not.
+        if isinstance(module, CourseTransformerWordEmbedding) and self.config.scale_embeddings:
+            # Embeddings multiplied by sqrt(d) start at std d^-1/2, so that the scaled tokens have unit scale like
+            # the sinusoids they are added to (Vaswani et al. 2017, 3.4; fairseq's initialisation). At std 0.02
+            # the positions drown the tokens of a small model and learning starts slowly.
+            init.normal_(module.weight, mean=0.0, std=self.config.hidden_size**-0.5)
+            return
         super()._init_weights(module)
         # Deterministic buffers are recomputed here: `from_pretrained` recreates them as empty memory.
         if isinstance(module, CourseTransformerEmbeddings) and hasattr(module, "sinusoidal_table"):

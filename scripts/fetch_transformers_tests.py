@@ -14,8 +14,8 @@ sdist of the installed version ships the top-level `tests/*.py` files. This scri
 3. writes them with an empty `tests/__init__.py` into a temporary folder beside the target, then renames it to
    `data/transformers-tests` (atomic: a reader never sees half a tree), with `FETCHED.json` recording the version,
    the files and the missing modules;
-4. makes sure the third-party test requirements of those files are importable (`parameterized`, pinned below),
-   installing the pin with pip when one is missing.
+4. checks that the third-party test requirements of those files are importable (`parameterized`, pinned in
+   the dev extra of pyproject.toml).
 
 It is idempotent: nothing is downloaded when the marker already names the installed version and every file is
 there. `data/` is git-ignored: transformers' test files never enter this repository.
@@ -43,8 +43,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_TARGET = ROOT / "data" / "transformers-tests"
 MARKER = "FETCHED.json"
 ROOT_FILES = ("test_modeling_common.py", "test_configuration_common.py", "test_training_mixin.py")
-# Third-party modules imported by those files that the project's own dependencies do not bring, with the pin
-# installed when one is missing (transformers' `testing` extra asks for parameterized>=0.9).
+# Third-party modules imported by those files beyond the project's dependencies; the dev extra pins them
+# (transformers' `testing` extra asks for parameterized>=0.9).
 TEST_REQUIREMENTS = {"parameterized": "parameterized==0.9.0"}
 
 
@@ -186,22 +186,14 @@ def write_tree(target: Path, version: str, files: dict[str, bytes], missing: lis
         raise
 
 
-def ensure_test_requirements(install: bool = True) -> None:
+def check_test_requirements() -> None:
+    """The files import packages that the dev extra pins (pyproject.toml); name the missing one clearly."""
     for module, pin in TEST_REQUIREMENTS.items():
-        if importlib.util.find_spec(module) is not None:
-            continue
-        if not install:
-            raise FetchError(f"step 'requirements': {module} is not installed; pip install {pin}")
-        print(f"installing {pin} (imported by transformers' test_modeling_common.py) ...", flush=True)
-        result = subprocess.run(
-            [sys.executable, "-m", "pip", "install", "--quiet", pin], capture_output=True, text=True
-        )
-        importlib.invalidate_caches()
-        if result.returncode != 0 or importlib.util.find_spec(module) is None:
-            raise FetchError(f"step 'requirements': pip install {pin} failed.\n{result.stderr.strip()[-2000:]}")
+        if importlib.util.find_spec(module) is None:
+            raise FetchError(f"step 'requirements': {module} is not installed; pip install -e '.[dev]' ({pin})")
 
 
-def fetch(target: Path = DEFAULT_TARGET, sdist: Path | None = None, force: bool = False, install: bool = True) -> Path:
+def fetch(target: Path = DEFAULT_TARGET, sdist: Path | None = None, force: bool = False) -> Path:
     version = installed_version("transformers")
     if not force and is_current(target, version):
         print(f"{target} already holds the tests of transformers {version}")
@@ -218,7 +210,7 @@ def fetch(target: Path = DEFAULT_TARGET, sdist: Path | None = None, force: bool 
         print(f"wrote {len(files)} files of transformers {version} into {target}/tests")
         if missing:
             print(f"imported from tests. but not in the sdist: {', '.join(missing)}")
-    ensure_test_requirements(install=install)
+    check_test_requirements()
     return target
 
 
@@ -231,12 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target", type=Path, default=DEFAULT_TARGET, help="destination (default: %(default)s)")
     parser.add_argument("--sdist", type=Path, help="use this local transformers-<version>.tar.gz instead of pip")
     parser.add_argument("--force", action="store_true", help="fetch again even if the marker is current")
-    parser.add_argument(
-        "--no-install", action="store_true", help="fail instead of pip-installing a missing test requirement"
-    )
     args = parser.parse_args(argv)
     try:
-        fetch(args.target, args.sdist, args.force, install=not args.no_install)
+        fetch(args.target, args.sdist, args.force)
     except FetchError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
