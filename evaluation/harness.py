@@ -3,13 +3,15 @@
 For a saved causal or masked LM (ours, or any folder `transformers` loads), `run_harness` measures
 
 1. language-model quality (`evaluation.lm_quality`) on the test split of the prepared corpus
-   (`python -m scripts.prepare_data` writes `data/bible/english`), or on the lines of a text file;
+   (`course-transformer prepare-data` writes `data/bible/english`), or on the lines of a text file;
 2. the same measurement for reference models in the same run, each with its own tokenizer on the same texts
-   (`smollm2`, or a local folder such as a GPT-2 exported with `modeling.conversion`), side by side: bits per byte
+   (`smollm2`, or a local folder such as a GPT-2 exported with `course_transformer.core.conversion`), side by side:
+   bits per byte
    is the figure that compares across tokenizers;
 3. the attention report of the model (`evaluation.analysis`: entropy, distances, Clark et al. targets,
    induction heads, figures) in `attention/`;
-4. for a model of ours shaped like GPT-2 or BERT: export with `modeling.conversion` (`to_gpt2` / `to_bert`),
+4. for a model of ours shaped like GPT-2 or BERT: export with `course_transformer.core.conversion` (`to_gpt2` /
+`to_bert`),
    the largest logit difference between ours and the export, and `evaluation.parity` on the exported folder
    (layer by layer, head by head) in `parity/`.
 
@@ -53,7 +55,7 @@ from evaluation.lm_quality import (
 logger = logging.getLogger(__name__)
 
 DEFAULT_DATASET = "data/bible/english"
-PREPARE_COMMAND = "python -m scripts.prepare_data"
+PREPARE_COMMAND = "course-transformer prepare-data"
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 # Max |ours - export| on fp32 logits: a faithful export differs by float rounding (7.6e-6 measured on the demo
 # model, docs/evaluation.md); a wrong weight differs by O(1). The parity step has its own scale-relative tolerance.
@@ -82,7 +84,7 @@ class HarnessOptions:
     output_dir: str | Path  # the report folder, written atomically
     texts: Sequence[str] | None = None  # texts given in Python; else the lines of texts_file; else the dataset
     texts_file: str | Path | None = None  # one text per line, blank lines skipped
-    dataset: str | Path = DEFAULT_DATASET  # a DatasetDict written by scripts.prepare_data
+    dataset: str | Path = DEFAULT_DATASET  # a DatasetDict written by course_transformer.commands.prepare_data
     split: str = "test"
     text_column: str = "text"
     max_texts: int | None = None  # the first N texts (consecutive verses: each text is context for the next)
@@ -184,7 +186,8 @@ def read_texts_file(path: str | Path) -> list[str]:
 
 
 def read_dataset_texts(dataset: str | Path, split: str, text_column: str) -> list[str]:
-    """The `text_column` of one split of a `DatasetDict` saved by `scripts.prepare_data`, in stored order."""
+    """The `text_column` of one split of a `DatasetDict` saved by `course_transformer.commands.prepare_data`, in
+    stored order."""
     folder = Path(dataset)
     if not folder.exists():
         raise _bad(
@@ -287,8 +290,7 @@ def attention_section(model, tokenizer, label: str, folder: Path) -> dict:
 
 def parity_section(model, model_path: Path, folder: Path) -> dict:
     """Export ours to GPT-2 / BERT, compare logits, then `evaluation.parity` on the exported folder."""
-    from evaluation import parity
-    from modeling.conversion import (
+    from course_transformer.core.conversion import (
         course_config_to_bert,
         course_config_to_gpt2,
         max_output_difference,
@@ -296,6 +298,7 @@ def parity_section(model, model_path: Path, folder: Path) -> dict:
         to_bert,
         to_gpt2,
     )
+    from evaluation import parity
 
     if getattr(model.config, "model_type", None) != "course_transformer":
         return {"skipped": "not a course_transformer model: parity checks our export to GPT-2 / BERT"}
@@ -325,8 +328,9 @@ def parity_section(model, model_path: Path, folder: Path) -> dict:
         "tolerance": report["tolerance"],
         "round_trip_exact": bool(report["round_trip"]["passed"]),
         "report": f"{folder.name}/parity.md",
-        "what": f"ours -> {type(exported).__name__} (modeling.conversion), then evaluation.parity with that folder "
-        "as the reference: attention weights, hidden states and logits of the export against its re-import",
+        "what": f"ours -> {type(exported).__name__} (course_transformer.core.conversion), then evaluation.parity "
+        "with that folder as the reference: attention weights, hidden states and logits of the export against "
+        "its re-import",
     }
 
 
@@ -362,7 +366,7 @@ def run_harness(model_path: str | Path, output_dir: str | Path, **options) -> di
     same number of tokens of context."""
     p = plan(HarnessOptions(model_path, output_dir, **options))
     o = p.options
-    from modeling.conversion import atomic_write_dir
+    from course_transformer.core.conversion import atomic_write_dir
 
     started = time.perf_counter()
     torch_device = _device(o.device)

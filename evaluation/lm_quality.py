@@ -7,7 +7,8 @@ prediction over the texts joined into one token stream:
 
 Every token of every d_i is predicted once; the separators are context only (never scored), so every model
 predicts exactly the same characters whatever its end-of-document convention. `separator="auto"` is the EOS
-token for models of ours (how scripts/train.py joins texts) and a newline for other models (`separator_ids`).
+token for models of ours (how course_transformer/commands/train.py joins texts) and a newline for other models
+(`separator_ids`).
 The totals are
 
     nats   = -sum_t ln p(x_t | x_<t)                over the scored tokens (natural log, summed in float64)
@@ -176,7 +177,7 @@ def round_trip(tokenizer, texts: Sequence[str], ids: Sequence[Sequence[int]]) ->
 def separator_ids(model, tokenizer, separator: str = "auto") -> tuple[list[int], str]:
     """The token ids put before every text (context only, never scored) and the string they stand for.
 
-    "auto": for models of ours, the EOS token, which is what `scripts/train.py` puts between texts (`lm_blocks`);
+    "auto": for models of ours, the EOS token, which is what the train command puts between texts (`lm_blocks`);
     for any other model a newline, so that the texts read as the lines of one document, the form pretrained LMs
     saw most (their own end-of-document token tells them to drop the context: SmolLM2 loses 0.17 bits per byte
     with `<|endoftext|>` between verses, docs/evaluation.md). Any other string is encoded as text, special

@@ -4,7 +4,8 @@
         [--dtype float32|bfloat16]
 
 Steps: load the reference with `attn_implementation="eager"` (the only HF backend that returns attention weights),
-convert it with `modeling.conversion`, run both on one right-padded batch of the English sentences below, and
+convert it with `course_transformer.core.conversion`, run both on one right-padded batch of the English sentences
+below, and
 compare
 
 * the attention weights of every layer and head (B, H, T, S),
@@ -54,7 +55,7 @@ from transformers import (  # noqa: E402
     PreTrainedModel,
 )
 
-from modeling.conversion import from_bert, from_gpt2, load_bert, load_gpt2, to_bert, to_gpt2  # noqa: E402
+from course_transformer.core.conversion import from_bert, from_gpt2, load_bert, load_gpt2, to_bert, to_gpt2  # noqa: E402
 
 SENTENCES = [
     "The quick brown fox jumps over the lazy dog.",
@@ -503,7 +504,7 @@ def markdown(report: dict) -> str:
         f"# Parity: course Transformer vs {report['reference_class']} ({report['reference']}) — {verdict}",
         "",
         f"- Reference: {report['description']}",
-        f"- Ours: {report['ours_class']} converted by `modeling.conversion`",
+        f"- Ours: {report['ours_class']} converted by `course_transformer.core.conversion`",
         f"- dtype {report['dtype']}; tolerance: max abs diff ≤ {tol:g} × max(1, max|reference|) per tensor "
         f"(attention weights: ≤ {tol:g})",
         f"- Batch: {len(report['sentences'])} English sentences, right-padded to {report['batch_shape'][1]} tokens; "

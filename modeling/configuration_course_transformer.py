@@ -4,7 +4,7 @@ and the encoder-decoder (the 2017 translation model).
 The config is the single source of truth: every architectural choice is a typed field here, validated at
 construction, and the modules read it instead of taking loose keyword arguments. Named architectures
 (BERT-base, GPT-2 124M, the Transformer base of Vaswani et al. 2017) are reproduced by field values alone;
-see `configs/model/*.json`.
+see `modeling/presets/*.json`.
 """
 
 from __future__ import annotations

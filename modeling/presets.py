@@ -1,20 +1,32 @@
-"""Named model presets: JSON files in `configs/model/` whose field values reproduce an architecture."""
+"""Named model presets: JSON files in `modeling/presets/` (package data, so an installed package has them) whose
+field values reproduce an architecture. This folder is their one source of truth."""
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import read_json_object
 from .configuration_course_transformer import CourseTransformerConfig
 
-PRESET_DIR = Path(__file__).resolve().parent.parent / "configs" / "model"
+PRESET_DIR = Path(__file__).resolve().parent / "presets"
+
+
+def read_json_object(path: Path, error: type[Exception] = ValueError) -> dict:
+    """A JSON file that must hold an object; `error` (naming the file) for invalid JSON or another JSON type."""
+    try:
+        fields = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise error(f"{path}: invalid JSON ({err})") from None
+    if not isinstance(fields, dict):
+        raise error(f"{path}: expected a JSON object, got {type(fields).__name__}")
+    return fields
 
 
 def list_presets() -> list[str]:
-    """Names of the presets shipped in `configs/model/` (file names without `.json`)."""
+    """Names of the presets shipped in `modeling/presets/` (file names without `.json`)."""
     return sorted(path.stem for path in PRESET_DIR.glob("*.json"))
 
 

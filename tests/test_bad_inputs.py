@@ -19,9 +19,9 @@ from conftest import build_tokenizer, tiny_model
 from safetensors.torch import load_file, save_file
 
 import modeling
-from modeling import cli
-from modeling.checkpoint import CheckpointError, load_checkpoint_state, validate_checkpoint_folder
-from modeling.publish import PublishError, build_repo_folder
+from course_transformer import cli
+from course_transformer.commands.publish import PublishError, build_repo_folder
+from course_transformer.core.checkpoint import CheckpointError, load_checkpoint_state, validate_checkpoint_folder
 
 # ---------------------------------------------------------------------------------------------------------------
 # Fixtures: one saved decoder folder (weights + tokenizer), copied and broken per case
@@ -406,7 +406,7 @@ def test_what_transformers_from_pretrained_does_with_the_same_files(broken, tmp_
 
 
 def test_load_pretrained_safely_loads_a_good_folder_and_refuses_a_bad_one(broken):
-    from modeling.checkpoint import load_pretrained_safely
+    from course_transformer.core.checkpoint import load_pretrained_safely
 
     model = load_pretrained_safely(broken)
     assert type(model).__name__ == "CourseTransformerForCausalLM"
@@ -418,7 +418,9 @@ def test_load_pretrained_safely_loads_a_good_folder_and_refuses_a_bad_one(broken
 def test_every_torch_load_in_the_project_is_weights_only():
     root = Path(__file__).resolve().parent.parent
     offenders = []
-    for path in [p for d in ("modeling", "evaluation", "scripts") for p in (root / d).rglob("*.py")]:
+    for path in [
+        p for d in ("modeling", "evaluation", "course_transformer", "scripts") for p in (root / d).rglob("*.py")
+    ]:
         for number, line in enumerate(path.read_text().splitlines(), 1):
             if "torch.load(" in line and "weights_only=True" not in line:
                 offenders.append(f"{path.relative_to(root)}:{number}")

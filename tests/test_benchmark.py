@@ -142,6 +142,9 @@ def test_compare_throughput_and_atomic_write(tmp_path):
 
 def test_cli_help():
     result = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--help"], capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "course_transformer.commands.benchmark", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 0 and "--mode" in result.stdout

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from modeling import cli
+from course_transformer import cli
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -62,7 +62,7 @@ def test_each_command_passes_its_arguments_to_the_module_main(monkeypatch, capsy
 
 def test_debug_is_taken_from_anywhere_and_not_passed_on(monkeypatch, capsys):
     seen = []
-    fake_module(monkeypatch, "scripts.train", main=lambda argv: seen.append(argv))
+    fake_module(monkeypatch, "course_transformer.commands.train", main=lambda argv: seen.append(argv))
     assert run(["train", "--debug", "--steps", "3"], capsys)[0] == 0  # main returning None is success
     assert seen == [["--steps", "3"]]
 
@@ -95,16 +95,16 @@ def test_import_error_inside_a_module_is_not_reported_as_missing(tmp_path, monke
 
 
 def test_module_without_main(monkeypatch, capsys):
-    fake_module(monkeypatch, "scripts.generate")
+    fake_module(monkeypatch, "course_transformer.commands.generate")
     code, _, err = run(["generate"], capsys)
-    assert code == 2 and "module scripts.generate has no main(argv)" in err
+    assert code == 2 and "module course_transformer.commands.generate has no main(argv)" in err
 
 
 def test_errors_are_one_line_unless_debug(monkeypatch, capsys):
     def main(argv):
         raise ValueError("--temperature must be positive,\n  got -1")
 
-    fake_module(monkeypatch, "scripts.generate", main=main)
+    fake_module(monkeypatch, "course_transformer.commands.generate", main=main)
     code, _, err = run(["generate", "--temperature", "-1"], capsys)
     assert code == 1
     assert err == (
@@ -120,10 +120,12 @@ def test_exit_status_of_the_module_is_kept(monkeypatch, capsys):
             raise SystemExit(4)
         return 3
 
-    fake_module(monkeypatch, "scripts.prepare_data", main=main)
+    fake_module(monkeypatch, "course_transformer.commands.prepare_data", main=main)
     assert run(["prepare-data"], capsys)[0] == 3
     assert run(["prepare-data", "--bad"], capsys)[0] == 4
-    fake_module(monkeypatch, "scripts.train", main=lambda argv: {"run_dir": "runs/x"})  # a result means success
+    fake_module(
+        monkeypatch, "course_transformer.commands.train", main=lambda argv: {"run_dir": "runs/x"}
+    )  # a result means success
     assert run(["train"], capsys)[0] == 0
 
 
@@ -145,9 +147,9 @@ def test_publish_help_shows_defaults(monkeypatch, capsys):
 
 
 def test_console_entry_point_in_a_subprocess():
-    """`python -m modeling.cli` in a real process: an error is one line, without a traceback."""
+    """`python -m course_transformer.cli` in a real process: an error is one line, without a traceback."""
     error = subprocess.run(
-        [sys.executable, "-m", "modeling.cli", "publish", "/nonexistent/model", "--repo-id", "a/b"],
+        [sys.executable, "-m", "course_transformer.cli", "publish", "/nonexistent/model", "--repo-id", "a/b"],
         cwd=ROOT,
         capture_output=True,
         text=True,

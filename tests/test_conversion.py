@@ -11,8 +11,8 @@ import torch
 from transformers import BertConfig, BertForMaskedLM, BertModel, GPT2Config, GPT2LMHeadModel, GPT2Model
 
 import modeling
-from modeling import conversion
-from modeling.conversion import (
+from course_transformer.core import conversion
+from course_transformer.core.conversion import (
     course_config_to_bert,
     course_config_to_gpt2,
     from_bert,
@@ -223,7 +223,7 @@ def test_untied_bert_head_converts_its_own_weights():
 
 @pytest.mark.parametrize("preset, source", [("gpt2-124m", "gpt2"), ("bert-base", "bert")])
 def test_default_hf_configs_convert_to_our_presets(preset, source):
-    """Two independent definitions of the same architectures (configs/model/*.json and the converter) agree."""
+    """Two independent definitions of the same architectures (modeling/presets/*.json and the converter) agree."""
     if source == "gpt2":
         converted = gpt2_config_to_course(GPT2Config())
     else:

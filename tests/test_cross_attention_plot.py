@@ -13,8 +13,8 @@ import pytest
 import torch
 from conftest import build_tokenizer, tiny_model
 
+from course_transformer.commands.training_lib import load_config, model_config
 from scripts import plot_cross_attention as pca
-from scripts.training_lib import load_config, model_config
 
 SOURCE = "the cat sat on the mat ."
 TARGET = "le chat est sur le tapis"

@@ -7,7 +7,7 @@ import importlib.util
 import pytest
 import torch
 
-from scripts.prepare_data import (
+from course_transformer.commands.prepare_data import (
     TEST_BOOKS,
     VALIDATION_BOOKS,
     clean_text,
@@ -15,8 +15,8 @@ from scripts.prepare_data import (
     split_of_book,
     split_rows,
 )
-from scripts.train_tokenizer import train_bpe, train_shared, train_wordpiece
-from scripts.training_lib import mask_tokens, token_byte_lengths
+from course_transformer.commands.train_tokenizer import train_bpe, train_shared, train_wordpiece
+from course_transformer.commands.training_lib import mask_tokens, token_byte_lengths
 
 TEXTS = [
     "In the beginning God created the heaven and the earth.",
@@ -87,7 +87,7 @@ def test_cleaning_removes_markers():
 def test_real_corpus_splits(tmp_path):
     from datasets import load_from_disk
 
-    from scripts.prepare_data import prepare
+    from course_transformer.commands.prepare_data import prepare
 
     paths = prepare(tmp_path, translations="k", max_train=300, max_eval=50, install=False)
     english, pairs = load_from_disk(str(paths["english"])), load_from_disk(str(paths["en-fr"]))

@@ -1,4 +1,5 @@
-"""Fault tolerance of `scripts/train.py`, in real processes (CPU, fixed seed, a tiny decoder with dropout).
+"""Fault tolerance of `course_transformer/commands/train.py`, in real processes (CPU, fixed seed, a tiny decoder with
+dropout).
 
 - Kill trials: one uninterrupted reference run, then runs killed with SIGKILL at seeded-random moments and one
   killed deterministically in the middle of writing a checkpoint (the `COURSE_TRAIN_TEST_PAUSE_IN_CHECKPOINT`
@@ -27,7 +28,7 @@ import pytest
 import torch
 import yaml
 
-from scripts.training_lib import PAUSE_IN_CHECKPOINT_ENV, checkpoint_dirs, read_metrics
+from course_transformer.commands.training_lib import PAUSE_IN_CHECKPOINT_ENV, checkpoint_dirs, read_metrics
 
 REPO = Path(__file__).resolve().parent.parent
 SEED = 20240611  # of the kill moments
@@ -75,8 +76,17 @@ def config_path(tmp_path_factory) -> Path:
 
 
 def launch(config: Path, run_dir: Path, *args: str, env: dict | None = None) -> subprocess.Popen:
-    """`python -m scripts.train` in the background; stdout and stderr go to `<run_dir>.log` (appended)."""
-    command = [sys.executable, "-m", "scripts.train", "--config", str(config), "--set", f"run_dir={run_dir}", *args]
+    """`course-transformer train` in the background; stdout and stderr go to `<run_dir>.log` (appended)."""
+    command = [
+        sys.executable,
+        "-m",
+        "course_transformer.commands.train",
+        "--config",
+        str(config),
+        "--set",
+        f"run_dir={run_dir}",
+        *args,
+    ]
     environment = {k: v for k, v in os.environ.items() if k != PAUSE_IN_CHECKPOINT_ENV}
     environment.update(
         HF_HUB_OFFLINE="1",
@@ -205,8 +215,8 @@ def test_sigkill_at_random_moments_then_resume_gives_bit_identical_weights(confi
 def test_non_finite_loss_exits_3_naming_the_step_and_keeps_the_last_good_checkpoint(config_path, tmp_path):
     from safetensors.torch import load_file
 
-    from scripts.train import train
-    from scripts.training_lib import load_config
+    from course_transformer.commands.train import train
+    from course_transformer.commands.training_lib import load_config
 
     run = tmp_path / "nan"
     overrides = ["learning_rate=1e6", "save_every=1"]

@@ -12,9 +12,9 @@ import pytest
 import torch
 from conftest import WORDS, build_tokenizer, tiny_model
 
+from course_transformer.commands import evaluate_model as evaluate_cli
 from evaluation import lm_quality as lq
 from evaluation.harness import HarnessInputError, run_harness
-from scripts import evaluate_model as evaluate_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -51,7 +51,9 @@ def test_bits_per_byte_equals_a_hand_computation(tokenizer, context, stride):
     result = lq.causal_lm_quality(model, tokenizer, TEXTS, context_length=context, stride=stride, progress=False)
 
     stream, scored = [], []
-    for text in TEXTS:  # ours: EOS (</s>) before every text, as scripts/train.py joins texts; never scored
+    for text in (
+        TEXTS
+    ):  # ours: EOS (</s>) before every text, as course_transformer/commands/train.py joins texts; never scored
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         stream += [tokenizer.eos_token_id] + ids
         scored += [False] + [True] * len(ids)
@@ -136,7 +138,7 @@ def test_separators(tokenizer):
 
 @pytest.fixture(scope="module")
 def bpe_tokenizer():
-    from scripts.train_tokenizer import train_tokenizer
+    from course_transformer.commands.train_tokenizer import train_tokenizer
 
     return train_tokenizer("bpe", [" ".join(WORDS)] * 20 + TEXTS, 300)
 
@@ -144,7 +146,7 @@ def bpe_tokenizer():
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory, bpe_tokenizer):
     """A tiny decoder of ours, its GPT-2 export (a reference), a tiny masked LM, and a texts file."""
-    from modeling.conversion import save_converted, to_gpt2
+    from course_transformer.core.conversion import save_converted, to_gpt2
 
     root = tmp_path_factory.mktemp("harness")
     special = {"pad_token_id": 0, "bos_token_id": 0, "eos_token_id": 0}  # <|endoftext|>
@@ -162,7 +164,7 @@ def saved(tmp_path_factory, bpe_tokenizer):
 
 
 def test_end_to_end_cli_on_a_saved_model(saved, tmp_path, capsys):
-    from modeling.publish import read_results
+    from course_transformer.commands.publish import read_results
 
     out = tmp_path / "eval"
     argv = [str(saved / "decoder"), "--texts", str(saved / "texts.txt"), "--reference", str(saved / "gpt2")]
@@ -244,7 +246,10 @@ def test_run_harness_refuses_empty_texts_in_python(saved, tmp_path):
 
 def test_cli_help_lists_the_options_and_defaults():
     result = subprocess.run(
-        [sys.executable, "-m", "modeling.cli", "evaluate", "--help"], cwd=ROOT, capture_output=True, text=True
+        [sys.executable, "-m", "course_transformer.cli", "evaluate", "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 0, result.stderr
     for text in ("--max-texts", "--reference NAME|PATH", "--texts FILE", "(default: test)", "(default: outputs/eval)"):

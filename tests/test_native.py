@@ -561,7 +561,7 @@ FRESH_SCRIPT = """
 import importlib.abc, json, sys
 class _Block(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("modeling", "evaluation", "scripts"):
+        if name.split(".")[0] in ("modeling", "evaluation", "course_transformer", "scripts"):
             raise ImportError("blocked: " + name)
 sys.meta_path.insert(0, _Block())
 try:

@@ -16,8 +16,8 @@ from conftest import build_tokenizer, tiny_config, tiny_model
 from huggingface_hub import ModelCard
 from safetensors import safe_open
 
-from modeling import publish
-from modeling.publish import PublishError, build_model_card, build_repo_folder, read_results, upload
+from course_transformer.commands import publish
+from course_transformer.commands.publish import PublishError, build_model_card, build_repo_folder, read_results, upload
 
 
 class RecordingApi:
@@ -163,7 +163,7 @@ def test_results_report_shapes(tmp_path):
     ]
     path.write_text(json.dumps({"ppl": 3.5, "model": "tiny", "ok": True}))  # flat: numbers only, booleans skipped
     assert read_results(path, default_dataset="mine") == [{"metric": "ppl", "value": 3.5, "dataset": "mine"}]
-    log = tmp_path / "metrics.jsonl"  # scripts/train.py's log: the last evaluation counts
+    log = tmp_path / "metrics.jsonl"  # course_transformer/commands/train.py's log: the last evaluation counts
     entries = [
         {"kind": "train", "step": 10, "loss": 5.0},
         {"kind": "eval", "step": 10, "eval_loss": 4.0, "perplexity": 54.6, "eval_tokens": 900, "samples": ["a"]},
@@ -208,7 +208,8 @@ def test_rebuild_with_overwrite_replaces_the_folder(tmp_path):
 
 
 def test_the_training_runs_card_becomes_the_training_section(tmp_path):
-    """scripts/train.py writes a README.md into its final folder: its notes and tags are kept, its title and
+    """course_transformer/commands/train.py writes a README.md into its final folder: its notes and tags are kept, its
+    title and
     usage section are replaced by the published card's."""
     source = save_source(tmp_path / "final", "decoder")
     (source / "README.md").write_text(

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from modeling.cli import COMMANDS
+from course_transformer.cli import COMMANDS
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()

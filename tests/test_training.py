@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from scripts.train import train
-from scripts.train_tokenizer import train_bpe
-from scripts.training_lib import Batcher, TrainConfig, load_config, lr_lambda
+from course_transformer.commands.train import train
+from course_transformer.commands.train_tokenizer import train_bpe
+from course_transformer.commands.training_lib import Batcher, TrainConfig, load_config, lr_lambda
 
 NOUNS = ["king", "people", "land", "city", "house", "servant", "prophet", "son", "river", "mountain"]
 VERBS = ["saw", "built", "blessed", "left", "found", "called", "loved", "kept"]
@@ -180,7 +180,7 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
 ):
     from safetensors.torch import load_file
 
-    from scripts.training_lib import NonFiniteError, checkpoint_dirs
+    from course_transformer.commands.training_lib import NonFiniteError, checkpoint_dirs
 
     fields = dict(learning_rate=1e6, max_grad_norm=clip, save_every=save_every, max_steps=10, eval_at_start=False)
     config = tiny(corpus, tmp_path / "run", **fields)
@@ -206,7 +206,7 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
 def test_the_configs_learning_rate_wins_on_resume_and_a_failed_attempt_leaves_no_trace(corpus, tmp_path):
     """Resume with lr 1e6 (the config wins over the scheduler state saved in the checkpoint): it stops on a
     non-finite value; resumed again with the original lr, the run equals an uninterrupted one."""
-    from scripts.training_lib import NonFiniteError
+    from course_transformer.commands.training_lib import NonFiniteError
 
     fields = dict(max_steps=6, save_every=2, eval_at_start=False)
     train(tiny(corpus, tmp_path / "full", **fields))
@@ -221,7 +221,7 @@ def test_the_configs_learning_rate_wins_on_resume_and_a_failed_attempt_leaves_no
 
 
 def test_metrics_log_cut_short_by_a_kill_is_read_without_its_last_line(tmp_path):
-    from scripts.training_lib import read_metrics
+    from course_transformer.commands.training_lib import read_metrics
 
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"kind": "train", "step": 1}\n{"kind": "train", "step": 2}\n{"kind": "tr')
@@ -259,7 +259,8 @@ def test_masked_lm_and_seq2seq_learn(corpus, tmp_path):
     )
     result = train(s2s)
     assert result["last_eval"]["eval_loss"] < result["first_eval"]["eval_loss"] - 1.0
-    # The model cards take their task from modeling.publish: transformers 5 has no "translation" pipeline.
+    # The model cards take their task from course_transformer.commands.publish: transformers 5 has no "translation"
+    # pipeline.
     from huggingface_hub import ModelCard
 
     for run, task in (("mlm", "fill-mask"), ("s2s", "text2text-generation")):
@@ -352,7 +353,7 @@ def test_two_process_data_parallel_on_cpu_matches_one_process(corpus, tmp_path):
     import sys
     from pathlib import Path
 
-    from scripts.training_lib import save_config
+    from course_transformer.commands.training_lib import save_config
 
     fields = dict(max_steps=4, eval_at_start=False, sample_max_new_tokens=0)
     train(tiny(corpus, tmp_path / "one", batch_size=8, **fields))
@@ -368,7 +369,7 @@ def test_two_process_data_parallel_on_cpu_matches_one_process(corpus, tmp_path):
         "--dynamo_backend",
         "no",
         "-m",
-        "scripts.train",
+        "course_transformer.commands.train",
         "--config",
         str(tmp_path / "two.yaml"),
     ]

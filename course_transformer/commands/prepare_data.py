@@ -9,8 +9,8 @@ Splits are by BOOK, never by random verse: the same verse in three English trans
 near-identical verses within a book, would otherwise leak from train into validation/test. The split of a book
 depends only on its number, so it is the same on every machine and for every translation.
 
-    python -m scripts.prepare_data --out data/bible            # full corpus (~12 M characters of English)
-    python -m scripts.prepare_data --max-train 4000 --max-eval 400 --translations k   # demo sized
+    course-transformer prepare-data --out data/bible            # full corpus (~12 M characters of English)
+    course-transformer prepare-data --max-train 4000 --max-eval 400 --translations k   # demo sized
 """
 
 from __future__ import annotations

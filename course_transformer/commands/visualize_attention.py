@@ -1,9 +1,9 @@
 """Attention heatmaps of one sentence: one head, or every head of a layer.
 
-python scripts/visualize_attention.py --model bert-minilm --text "the pizza came out of the oven and it tasted good" \
+course-transformer visualize --model bert-minilm --text "the pizza came out of the oven and it tasted good" \
     --layer 3 --head 8 --query it --output docs/figures/pizza_minilm.png
-python scripts/visualize_attention.py --model bert-minilm --text "..." --query it --key pizza --output it.png
-python scripts/visualize_attention.py --model ours-tiny --text "..." --layer 1 --output layer1.png
+course-transformer visualize --model bert-minilm --text "..." --query it --key pizza --output it.png
+course-transformer visualize --model ours-tiny --text "..." --layer 1 --output layer1.png
 
 Layers and heads count from 1, as in the reports. With --query, the figure adds that token's attention row as bars and
 the top keys of every head are printed; with --query and --key but no --layer/--head, the head where the query
@@ -19,11 +19,10 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from evaluation import analysis  # noqa: E402
+from evaluation import analysis
 
 
 def build_parser() -> argparse.ArgumentParser:

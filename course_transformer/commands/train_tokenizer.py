@@ -7,7 +7,7 @@
   `<pad> <s> </s> <unk>` (ids 0-3, matching the model config's pad/bos/eos defaults); `</s>` is appended on
   encoding and `<s>` starts the decoder.
 
-    python -m scripts.train_tokenizer --kind bpe --dataset data/bible/english --vocab-size 4096 --out runs/tok
+    course-transformer train-tokenizer --kind bpe --dataset data/bible/english --vocab-size 4096 --out runs/tok
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """Train a course Transformer from scratch: one straight loop on `accelerate.Accelerator`.
 
-    python -m scripts.train --config configs/train/demo-cpu.yaml                 # CPU, a few minutes
-    python -m scripts.train --config configs/train/demo-cpu.yaml --resume        # continue from the last checkpoint
-    python -m scripts.train --config configs/train/demo-cpu.yaml --set max_steps=50 --set learning_rate=3e-4
-    accelerate launch --config_file configs/accelerate/single-gpu.yaml -m scripts.train \
+    course-transformer train --config configs/train/demo-cpu.yaml                 # CPU, a few minutes
+    course-transformer train --config configs/train/demo-cpu.yaml --resume        # continue from the last checkpoint
+    course-transformer train --config configs/train/demo-cpu.yaml --set max_steps=50 --set learning_rate=3e-4
+    accelerate launch --config_file configs/accelerate/single-gpu.yaml -m course_transformer.commands.train \
         --config configs/train/gpt2-124m.yaml
 
 The run folder (`run_dir`) receives: `train_config.yaml` (the resolved config), `metrics.jsonl` (one JSON object
@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from scripts.training_lib import (
+from course_transformer.commands.training_lib import (
     Batcher,
     NonFiniteError,
     Progress,
@@ -64,7 +64,9 @@ from scripts.training_lib import (
     token_losses,
 )
 
-NON_FINITE_EXIT_CODE = 3  # the loss or the gradients became NaN/inf (scripts/train.py exits 2 on a usage error)
+NON_FINITE_EXIT_CODE = (
+    3  # the loss or the gradients became NaN/inf (course_transformer/commands/train.py exits 2 on a usage error)
+)
 
 
 def resolve_mixed_precision(setting: str) -> str:
@@ -123,7 +125,7 @@ def get_tokenizer(config: TrainConfig, train_rows, accelerator):
     """The configured tokenizer folder, or one trained on the train split (once, by the main process)."""
     from transformers import PreTrainedTokenizerFast
 
-    from scripts.train_tokenizer import train_tokenizer
+    from course_transformer.commands.train_tokenizer import train_tokenizer
 
     folder = Path(config.tokenizer) if config.tokenizer else Path(config.run_dir) / "tokenizer"
     if not config.tokenizer and accelerator.is_main_process and not (folder / "tokenizer.json").is_file():

@@ -23,16 +23,18 @@ import gives bitwise-identical weights. A config the target cannot express raise
 its value and what the target allows.
 
     >>> from transformers import BertForMaskedLM
-    >>> from modeling.conversion import from_bert, to_bert
+    >>> from course_transformer.core.conversion import from_bert, to_bert
     >>> ours = from_bert(BertForMaskedLM.from_pretrained(folder))   # CourseTransformerForMaskedLM
     >>> native = to_bert(ours)                                       # BertForMaskedLM again
 
 Command line (writes to a temporary folder next to `--output`, then renames it into place):
 
-    python -m modeling.conversion --from-bert PATH --output DIR      # HF BERT folder -> course Transformer folder
-    python -m modeling.conversion --from-gpt2 PATH --output DIR
-    python -m modeling.conversion --to-bert PATH --output DIR        # course Transformer folder -> HF BERT folder
-    python -m modeling.conversion --to-gpt2 PATH --output DIR
+    python -m course_transformer.core.conversion --from-bert PATH --output DIR      # HF BERT folder -> course
+    Transformer folder
+    python -m course_transformer.core.conversion --from-gpt2 PATH --output DIR
+    python -m course_transformer.core.conversion --to-bert PATH --output DIR        # course Transformer folder -> HF
+    BERT folder
+    python -m course_transformer.core.conversion --to-gpt2 PATH --output DIR
 
 This module is imported by tools, never by the modeling code, so saved model folders do not depend on it.
 """
@@ -62,8 +64,8 @@ from transformers import (
     PreTrainedModel,
 )
 
-from .configuration_course_transformer import CourseTransformerConfig
-from .modeling_course_transformer import (
+from modeling.configuration_course_transformer import CourseTransformerConfig
+from modeling.modeling_course_transformer import (
     CourseTransformerForCausalLM,
     CourseTransformerForMaskedLM,
     CourseTransformerModel,
@@ -700,7 +702,7 @@ def max_output_difference(a: nn.Module, b: nn.Module, seed: int = 0, length: int
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m modeling.conversion",
+        prog="python -m course_transformer.core.conversion",
         description="Convert between Hugging Face BERT/GPT-2 and the course Transformer.",
     )
     source = parser.add_mutually_exclusive_group(required=True)

@@ -1,9 +1,9 @@
 """Generate from a trained folder (`<run_dir>/final`) through the Auto classes and the pipelines.
 
-    python -m scripts.generate runs/demo/final "And God said" "In the beginning"
-    python -m scripts.generate runs/demo/final "And God said" --sample --temperature 0.8 --seed 1
-    python -m scripts.generate runs/enfr-cpu/final "In the beginning God created the heaven and the earth."
-    python -m scripts.generate runs/bert-base-mlm/final "The LORD is my [MASK]."
+    course-transformer generate runs/demo/final "And God said" "In the beginning"
+    course-transformer generate runs/demo/final "And God said" --sample --temperature 0.8 --seed 1
+    course-transformer generate runs/enfr-cpu/final "In the beginning God created the heaven and the earth."
+    course-transformer generate runs/bert-base-mlm/final "The LORD is my [MASK]."
 
 The task follows the folder's architecture: a decoder uses `text-generation`, an encoder-decoder the folder's
 own `text2text-generation` pipeline (transformers 5 dropped the built-in one; the folder carries it as remote

@@ -1,10 +1,12 @@
 """Publish a trained course Transformer to the Hugging Face Hub: build, validate in a fresh process, upload.
 
-    python -m modeling.publish outputs/tiny-decoder --repo-id user/tiny-decoder --dry-run
-    python -m modeling.publish outputs/tiny-decoder --repo-id user/tiny-decoder --results outputs/eval.json
+    python -m course_transformer.commands.publish outputs/tiny-decoder --repo-id user/tiny-decoder --dry-run
+    python -m course_transformer.commands.publish outputs/tiny-decoder --repo-id user/tiny-decoder --results
+    outputs/eval.json
 
 1. **Build** the repository folder from a folder written by `save_pretrained` (plus the tokenizer): the
-   safetensors weights (checked by `modeling.checkpoint`: never a pickle, complete, keys and shapes matching
+   safetensors weights (checked by `course_transformer.core.checkpoint`: never a pickle, complete, keys and shapes
+   matching
    the config), `config.json` with `auto_map`, the model code, the tokenizer, `generation_config.json` and a
    model card (`README.md`, YAML metadata from `huggingface_hub.ModelCardData`). Everything is written into a
    temporary folder beside `--output`, which replaces `--output` by one rename only after validation passed:
@@ -34,8 +36,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import CheckpointError, read_config, validate_checkpoint_folder, weight_files
-from .modeling_course_transformer import AUTO_CLASSES_FOR_ARCHITECTURE
+import modeling
+from course_transformer.core.checkpoint import CheckpointError, read_config, validate_checkpoint_folder, weight_files
+from modeling.modeling_course_transformer import AUTO_CLASSES_FOR_ARCHITECTURE
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +96,8 @@ NOT_METRICS = ("step", "epoch", "eval_tokens", "tokens", "elapsed", "time", "lea
 
 
 def _last_eval_entry(path: Path, entries: list) -> dict:
-    """The last `{"kind": "eval", ...}` line of a training log (scripts/train.py's metrics.jsonl)."""
+    """The last `{"kind": "eval", ...}` line of a training log (course_transformer/commands/train.py's
+    metrics.jsonl)."""
     evals = [e for e in entries if isinstance(e, dict) and e.get("kind") == "eval"]
     if not evals:
         raise PublishError(f'--results {path}: no evaluation entry ({{"kind": "eval", ...}}) in this log')
@@ -105,7 +109,7 @@ def read_results(path: str | Path, default_dataset: str | None = None) -> list[d
 
     Accepted shapes: `{"results": [{"metric": "perplexity", "value": 12.3, "dataset": "...", "split": "test"}]}`,
     `{"metrics": {"perplexity": 12.3}, "dataset": "..." | {"name": ..., "split": ...}}`, or a flat
-    `{"perplexity": 12.3, ...}`; or a training log `metrics.jsonl` (scripts/train.py), whose last
+    `{"perplexity": 12.3, ...}`; or a training log `metrics.jsonl` (course_transformer/commands/train.py), whose last
     `{"kind": "eval", ...}` line is read. Non-numeric entries of the flat forms are skipped; no metric is an error.
     """
     path = Path(path)
@@ -199,8 +203,8 @@ def usage_snippet(repo_id: str, pipeline_tag: str, auto_class: str) -> str:
 
 
 def training_notes(source: Path) -> tuple[str, list[str]]:
-    """The body and tags of a model card already in `source` (scripts/train.py writes one): its title and usage
-    sections are dropped (the published card has its own), its other headings move one level down."""
+    """The body and tags of a model card already in `source` (the train command writes one): its title and
+    usage sections are dropped (the published card has its own), its other headings move one level down."""
     from huggingface_hub import ModelCard
 
     path = source / "README.md"
@@ -331,8 +335,6 @@ def _write_config(source: Path, target: Path, architecture: str) -> None:
     fields = json.loads((source / "config.json").read_text())
     auto_map = dict(fields.get("auto_map") or {})
     auto_map.setdefault("AutoConfig", "configuration_course_transformer.CourseTransformerConfig")
-    import modeling
-
     for auto_name, class_name in AUTO_CLASSES_FOR_ARCHITECTURE[architecture].items():
         auto_map.setdefault(auto_name, f"modeling_course_transformer.{class_name}")
     fields["auto_map"] = auto_map
@@ -346,7 +348,7 @@ def _copy_code(source: Path, target: Path) -> str:
     if all((source / name).is_file() for name in CODE_FILES):
         origin = source
     else:
-        origin = Path(__file__).resolve().parent
+        origin = Path(modeling.__file__).resolve().parent
         logger.warning("%s lacks the model code; copying it from the installed package (%s)", source, origin)
     for name in CODE_FILES:
         shutil.copy2(origin / name, target / name)

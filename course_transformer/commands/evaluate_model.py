@@ -2,10 +2,10 @@
 and parity after export to GPT-2 / BERT; writes report.json (for `publish --results`) and report.md.
 
     course-transformer evaluate runs/demo/final --split test --max-texts 200 --reference smollm2 --output outputs/eval
-    python -m scripts.evaluate_model runs/demo/final --texts my_texts.txt --no-parity --output outputs/eval-mine
-    python -m scripts.evaluate_model runs/demo/final --reference path/to/gpt2-folder --context-length 128 --stride 128
+    course-transformer evaluate runs/demo/final --texts my_texts.txt --no-parity --output outputs/eval-mine
+    course-transformer evaluate runs/demo/final --reference path/to/gpt2-folder --context-length 128 --stride 128
 
-The texts are the test split of the prepared corpus (`python -m scripts.prepare_data` writes data/bible/english),
+The texts are the test split of the prepared corpus (`course-transformer prepare-data` writes data/bible/english),
 or one text per line of --texts FILE. Exit status: 0 when everything ran, 1 when a section failed (recorded in the
 report) or parity failed, 2 for a bad input (nothing written). See docs/evaluation.md.
 """
@@ -35,7 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", default="outputs/eval", help="report folder, written atomically")
     parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     data = parser.add_argument_group("texts")
-    data.add_argument("--dataset", default=DEFAULT_DATASET, help="DatasetDict folder written by scripts.prepare_data")
+    data.add_argument(
+        "--dataset",
+        default=DEFAULT_DATASET,
+        help="DatasetDict folder written by course_transformer.commands.prepare_data",
+    )
     data.add_argument("--split", default="test", help="split of --dataset")
     data.add_argument("--text-column", default="text", help="column of --dataset holding the texts")
     data.add_argument("--texts", default=None, metavar="FILE", help="one text per line instead of --dataset")

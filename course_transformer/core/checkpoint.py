@@ -11,7 +11,7 @@ the file and the key. transformers' own `from_pretrained` is more forgiving: it 
 missing keys (re-initialising them at random, with a logged table) and ignores unexpected keys; see
 `docs/publishing.md` for what it does in each case.
 
-    >>> from modeling.checkpoint import validate_checkpoint_folder, load_checkpoint_state
+    >>> from course_transformer.core.checkpoint import validate_checkpoint_folder, load_checkpoint_state
     >>> summary = validate_checkpoint_folder("outputs/tiny-decoder")  # doctest: +SKIP
     >>> state = load_checkpoint_state("outputs/tiny-decoder/model.safetensors")  # doctest: +SKIP
 """
@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from modeling.presets import read_json_object
 
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
@@ -183,20 +185,9 @@ def weight_files(folder: str | Path) -> tuple[list[Path], dict[str, str] | None]
     raise CheckpointError(f"{folder}: no {SAFE_WEIGHTS_NAME} (or {SAFE_WEIGHTS_INDEX_NAME}) in this folder")
 
 
-def read_json_object(path: Path, error: type[Exception] = ValueError) -> dict:
-    """A JSON file that must hold an object; `error` (naming the file) for invalid JSON or another JSON type."""
-    try:
-        fields = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise error(f"{path}: invalid JSON ({err})") from None
-    if not isinstance(fields, dict):
-        raise error(f"{path}: expected a JSON object, got {type(fields).__name__}")
-    return fields
-
-
 def read_config(folder: str | Path):
     """The folder's `config.json` as a validated `CourseTransformerConfig`; errors name the file."""
-    from .configuration_course_transformer import CourseTransformerConfig
+    from modeling.configuration_course_transformer import CourseTransformerConfig
 
     path = Path(folder) / CONFIG_NAME
     if not path.is_file():

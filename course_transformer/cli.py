@@ -4,7 +4,9 @@
     course-transformer train --help
     course-transformer publish outputs/tiny-decoder --repo-id user/tiny-decoder --dry-run
 
-Every subcommand imports its module only when it runs (so `--help` is fast and one missing part does not break
+Every subcommand imports its module (a layer below this one: `course_transformer.commands`, `evaluation` or
+`course_transformer.core`; never `scripts/`, which is not installed) only when it runs (so `--help` is fast and one
+missing part does not break
 the others) and calls the module's `main(argv)` with the arguments after the subcommand name; the module's own
 parser documents its options and defaults (`course-transformer COMMAND --help`). An error is one line on stderr;
 `--debug` (anywhere on the line) shows the traceback instead.
@@ -17,11 +19,9 @@ import importlib
 import logging
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import NoReturn
 
 PROG = "course-transformer"
-ROOT = Path(__file__).resolve().parent.parent  # the repository root holds `scripts/` beside `modeling/`
 
 
 @dataclass(frozen=True)
@@ -31,18 +31,22 @@ class Command:
 
 
 COMMANDS: dict[str, Command] = {
-    "prepare-data": Command("extract and split the training corpus", ("scripts.prepare_data",)),
-    "train-tokenizer": Command("train the tokenizer on the prepared corpus", ("scripts.train_tokenizer",)),
-    "train": Command("train a model from a preset and a training config", ("scripts.train",)),
-    "generate": Command("generate text with a trained model", ("scripts.generate",)),
+    "prepare-data": Command("extract and split the training corpus", ("course_transformer.commands.prepare_data",)),
+    "train-tokenizer": Command(
+        "train the tokenizer on the prepared corpus", ("course_transformer.commands.train_tokenizer",)
+    ),
+    "train": Command("train a model from a preset and a training config", ("course_transformer.commands.train",)),
+    "generate": Command("generate text with a trained model", ("course_transformer.commands.generate",)),
     "evaluate": Command(
-        "evaluate a trained model (harness report JSON)", ("scripts.evaluate_model", "evaluation.harness")
+        "evaluate a trained model (harness report JSON)", ("course_transformer.commands.evaluate_model",)
     ),
     "parity": Command("check agreement with BERT / GPT-2 (Hugging Face)", ("evaluation.parity",)),
-    "visualize": Command("plot attention weights", ("scripts.visualize_attention",)),
-    "benchmark": Command("time forward, training and generation", ("scripts.benchmark", "evaluation.benchmark")),
-    "convert": Command("convert between BERT / GPT-2 and the course Transformer", ("modeling.conversion",)),
-    "publish": Command("validate and upload a trained model to the Hub", ("modeling.publish",)),
+    "visualize": Command("plot attention weights", ("course_transformer.commands.visualize_attention",)),
+    "benchmark": Command("time forward, training and generation", ("course_transformer.commands.benchmark",)),
+    "convert": Command(
+        "convert between BERT / GPT-2 and the course Transformer", ("course_transformer.core.conversion",)
+    ),
+    "publish": Command("validate and upload a trained model to the Hub", ("course_transformer.commands.publish",)),
 }
 
 
@@ -87,8 +91,6 @@ def load_module(candidates: tuple[str, ...]):
     An import error raised *inside* an existing module (a missing dependency, a bug) is not "unavailable": it
     propagates, so that it is reported as the error it is.
     """
-    if (ROOT / "scripts").is_dir() and str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
     for name in candidates:
         try:
             return importlib.import_module(name)
