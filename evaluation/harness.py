@@ -42,6 +42,7 @@ from pathlib import Path
 
 import torch
 
+from course_transformer.core.io import atomic_write_dir
 from evaluation.lm_quality import (
     DEFAULT_CONTEXT,
     MLM_METHODS,
@@ -366,8 +367,6 @@ def run_harness(model_path: str | Path, output_dir: str | Path, **options) -> di
     same number of tokens of context."""
     p = plan(HarnessOptions(model_path, output_dir, **options))
     o = p.options
-    from course_transformer.core.conversion import atomic_write_dir
-
     started = time.perf_counter()
     torch_device = _device(o.device)
     settings = {

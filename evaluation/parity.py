@@ -56,6 +56,8 @@ from transformers import (  # noqa: E402
 )
 
 from course_transformer.core.conversion import from_bert, from_gpt2, load_bert, load_gpt2, to_bert, to_gpt2  # noqa: E402
+from course_transformer.core.io import atomic_write_text  # noqa: E402
+from course_transformer.core.tokenizers import byte_level_tokenizer, byte_vocab  # noqa: E402
 
 SENTENCES = [
     "The quick brown fox jumps over the lazy dog.",
@@ -104,29 +106,21 @@ class Reference:
 def byte_tokenizer(family: str):
     """A byte-level BPE tokenizer without merges (one token per UTF-8 byte), GPT-2 style: 256 byte tokens, then
     the special tokens. BERT's gets [PAD] [UNK] [CLS] [SEP] [MASK] and the `[CLS] text [SEP]` template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
+    from tokenizers import processors
 
-    from evaluation.gpt2_vocab import bytes_to_unicode
-
-    vocab = {char: i for i, char in enumerate(bytes_to_unicode().values())}
-    specials = ["<|endoftext|>"] if family == "gpt2" else ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    for token in specials:
-        vocab[token] = len(vocab)
-    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
     if family == "gpt2":
-        return PreTrainedTokenizerFast(
-            tokenizer_object=tokenizer, eos_token="<|endoftext|>", bos_token="<|endoftext|>", pad_token="<|endoftext|>"
-        )
-    tokenizer.post_processor = processors.TemplateProcessing(
+        eot = "<|endoftext|>"
+        return byte_level_tokenizer(byte_vocab([eot]), [], eos_token=eot, bos_token=eot, pad_token=eot)
+    vocab = byte_vocab(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
+    template = processors.TemplateProcessing(
         single="[CLS] $A [SEP]",
         pair="[CLS] $A [SEP] $B:1 [SEP]:1",
         special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
     )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
+    return byte_level_tokenizer(
+        vocab,
+        [],
+        template,
         pad_token="[PAD]",
         unk_token="[UNK]",
         cls_token="[CLS]",
@@ -485,8 +479,8 @@ def run_parity(
         "max_abs_diff": eager["max_abs_diff"],
         "passed": passed,
     }
-    (output_dir / "parity.json").write_text(json.dumps(report, indent=2))
-    (output_dir / "parity.md").write_text(markdown(report))
+    atomic_write_text(output_dir / "parity.json", json.dumps(report, indent=2))
+    atomic_write_text(output_dir / "parity.md", markdown(report))
     if figure:
         plot(ref_out, ours_out, tokens, output_dir / "parity.png", reference.name, dtype, tolerance)
     return report

@@ -12,12 +12,12 @@ import argparse
 import json
 import os
 import tempfile
-from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSeq2SeqLM, DynamicCache
 
 import modeling
+from course_transformer.core.io import atomic_write_text
 
 HEADS = {
     "decoder": (modeling.CourseTransformerForCausalLM, AutoModelForCausalLM),
@@ -106,11 +106,7 @@ def main() -> None:
     for row in rows:
         cells = [f"{row[k]:.2e}" if k in row else "n/a" for k in keys]
         print(f"| {row['architecture']} | {row['position_encoding']} | " + " | ".join(cells) + " |")
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"torch": torch.__version__, "rows": rows}, indent=2))
-    os.replace(tmp, output)
+    output = atomic_write_text(args.output, json.dumps({"torch": torch.__version__, "rows": rows}, indent=2))
     print(f"wrote {output}")
 
 

@@ -30,14 +30,14 @@ import argparse
 import ast
 import importlib.util
 import json
-import os
-import shutil
 import subprocess
 import sys
 import tarfile
 import tempfile
 from importlib.metadata import version as installed_version
 from pathlib import Path
+
+from course_transformer.core.io import atomic_write_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_TARGET = ROOT / "data" / "transformers-tests"
@@ -158,10 +158,9 @@ def is_current(target: Path, version: str) -> bool:
 
 
 def write_tree(target: Path, version: str, files: dict[str, bytes], missing: list[str], source: str) -> None:
-    """Write into a temporary folder beside `target`, then swap it in with renames."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
-    try:
+    """Write into a temporary folder beside `target`, then swap it in with renames (`atomic_write_dir`)."""
+
+    def write(staging: Path) -> None:
         (staging / "tests").mkdir()
         (staging / "tests" / "__init__.py").write_bytes(b"")
         for path, data in files.items():
@@ -173,17 +172,8 @@ def write_tree(target: Path, version: str, files: dict[str, bytes], missing: lis
             "missing_modules": missing,
         }
         (staging / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
-        os.chmod(staging, 0o755)  # mkdtemp creates 0700
-        old = None
-        if target.exists():
-            old = target.parent / f".{target.name}-old-{os.getpid()}"
-            os.replace(target, old)
-        os.replace(staging, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+
+    atomic_write_dir(target, write, overwrite=True)
 
 
 def check_test_requirements() -> None:

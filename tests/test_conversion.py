@@ -501,16 +501,6 @@ def test_cli_bert_masked_lm_folder_round_trip(tmp_path):
     assert_state_dicts_bitwise_equal(back, reference)
 
 
-def test_failed_write_leaves_no_output(tmp_path):
-    def write(folder: Path) -> None:
-        (folder / "partial").write_text("x")
-        raise RuntimeError("disk full")
-
-    with pytest.raises(RuntimeError):
-        conversion.atomic_write_dir(tmp_path / "out", write)
-    assert list(tmp_path.iterdir()) == []
-
-
 def test_bert_folder_without_pooler_weights_loads_without_pooler(tmp_path):
     reference = tiny_bert(BertModel, seed=19)
     reference.pooler = None

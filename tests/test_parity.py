@@ -107,8 +107,6 @@ def test_bpe_merges_are_recovered_from_ranks():
     ranks = {b"a": 0, b"b": 1, b"c": 2, b"ab": 3, b"bc": 4, b"abc": 5, b"cab": 6}
     # "abc" is built by the lowest merge available below rank 5: a+b (3) beats b+c (4), then ab+c.
     assert gpt2_vocab.recover_merges(ranks) == [(b"a", b"b"), (b"b", b"c"), (b"ab", b"c"), (b"c", b"ab")]
-    table = gpt2_vocab.bytes_to_unicode()
-    assert len(table) == 256 and len(set(table.values())) == 256 and table[ord("A")] == "A" and table[32] == "Ġ"
 
 
 @pytest.mark.skipif(

@@ -44,10 +44,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import shutil
 import sys
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,6 +61,7 @@ from transformers import (
     PreTrainedModel,
 )
 
+from course_transformer.core.io import atomic_write_dir
 from modeling.configuration_course_transformer import CourseTransformerConfig
 from modeling.modeling_course_transformer import (
     CourseTransformerForCausalLM,
@@ -641,29 +639,6 @@ def load_course(path: str | Path, attn_implementation: str = "eager", **kwargs) 
     if cls is None:
         raise ValueError(f"{path}: unknown architecture {name!r}")
     return cls.from_pretrained(path, attn_implementation=attn_implementation, **kwargs).eval()
-
-
-def atomic_write_dir(output: str | Path, write: Callable[[Path], None], overwrite: bool = False) -> Path:
-    """Run `write(tmp)` on a temporary folder beside `output`, then rename it to `output`: readers see either the
-    old folder or the complete new one, never a half-written one."""
-    output = Path(output)
-    if output.exists() and not overwrite:
-        raise FileExistsError(f"{output} exists; pass overwrite=True (--overwrite) to replace it")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.tmp-"))
-    try:
-        write(tmp)
-        if output.exists():
-            old = output.with_name(f".{output.name}.old-{os.getpid()}")
-            os.replace(output, old)
-            os.replace(tmp, output)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return output
 
 
 def save_converted(
