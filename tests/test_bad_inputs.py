@@ -304,17 +304,20 @@ def _pickle_instead(folder: Path, name: str) -> None:
         pickle.dump({"weights": PlantsMarker(folder.parent / "UNPICKLED")}, f)
 
 
-def _bad_offsets(folder: Path) -> None:
+def _bad_offsets(header: dict) -> None:
+    begin, end = header[Q_KEY]["data_offsets"]
+    header[Q_KEY]["data_offsets"] = [begin, end - 4]  # claims fewer bytes than its shape needs
+
+
+def _edit_header(folder: Path, edit) -> None:
     path = folder / "model.safetensors"
     data = path.read_bytes()
     (n,) = struct.unpack("<Q", data[:8])
     header = json.loads(data[8 : 8 + n])
-    begin, end = header[Q_KEY]["data_offsets"]
-    header[Q_KEY]["data_offsets"] = [begin, end - 4]  # claims fewer bytes than its shape needs
+    edit(header)
     raw = json.dumps(header, separators=(",", ":")).encode()
     assert len(raw) <= n
-    raw = raw.ljust(n)  # the format pads its header with spaces
-    path.write_bytes(data[:8] + raw + data[8 + n :])
+    path.write_bytes(data[:8] + raw.ljust(n) + data[8 + n :])  # the format pads its header with spaces
 
 
 def _shards_index_wrong(folder: Path) -> None:
@@ -339,7 +342,17 @@ BAD_CHECKPOINTS = [
         lambda f: (f / "model.safetensors").write_bytes(b"\x10\x00" + b"x" * 64),
         ["not a safetensors"],
     ),
-    ("byte count", _bad_offsets, [Q_KEY, "bytes stored for shape"]),
+    ("byte count", lambda f: _edit_header(f, _bad_offsets), [Q_KEY, "bytes stored for shape"]),
+    (
+        "trailing bytes",
+        lambda f: (f / "model.safetensors").write_bytes((f / "model.safetensors").read_bytes() + b"junk"),
+        ["model.safetensors", "4 bytes after the last tensor"],
+    ),
+    (
+        "refused, no reason found here",
+        lambda f: _edit_header(f, lambda h: h.update({"__metadata__": 1})),
+        ["model.safetensors: not a safetensors file (", "deserializing header"],
+    ),
     ("wrong shape", lambda f: _edit_state(f, lambda s: s.update({Q_KEY: torch.zeros(16, 32)})), [Q_KEY, "[16, 32]"]),
     ("missing key", lambda f: _edit_state(f, lambda s: s.pop(Q_KEY)), ["missing keys", Q_KEY]),
     (

@@ -1,9 +1,9 @@
 """Safe checkpoint loading: safetensors only, checked against the config before any weight is used.
 
 A pickle file (`pytorch_model.bin`, `*.pt`, ...) can run arbitrary code when it is unpickled, so nothing here
-ever unpickles: such files are refused by name and by their first bytes. A safetensors file is checked from its
-header (8-byte little-endian length, then JSON) before `safetensors` reads it, so that a truncated download is
-reported as truncated, with the file name, instead of as a deserialisation error.
+ever unpickles: such files are refused by name and by their first bytes. A safetensors file is read with
+`safetensors.safe_open`, which checks its whole layout from the header; when it refuses a file, the header is read
+once more to say why in words that name the file and the key (a truncated download is reported as truncated).
 
 `validate_checkpoint_folder` compares every stored tensor with the model that `config.json` describes (built on
 the meta device, so no memory is spent): missing keys, unexpected keys and wrong shapes are each reported with
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,7 +32,7 @@ SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 CONFIG_NAME = "config.json"
 # File names of pickled checkpoints (torch.save, pickle): refused, never opened beyond their first bytes.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
-# safetensors dtype names -> bytes per element
+# safetensors dtype names -> bytes per element, to name the tensor whose byte count is wrong in a refused file
 DTYPE_SIZES = {
     "BOOL": 1,
     "U8": 1,
@@ -92,40 +91,64 @@ def refuse_pickle(path: Path) -> None:
     )
 
 
-def read_safetensors_header(path: str | Path) -> dict[str, TensorInfo]:
-    """Tensor names, dtypes and shapes from a safetensors file's header, after checking the file is complete.
-
-    Raises `CheckpointError` for a pickle file, a truncated file, a corrupt header or offsets that do not match.
-    """
-    path = Path(path)
+def _refuse_unsafe(path: Path) -> None:
+    """A missing file, or a pickle by its name or its first bytes, before any reader touches it."""
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
     if path.suffix.lower() in PICKLE_SUFFIXES:
         refuse_pickle(path)
+    with path.open("rb") as f:
+        if _looks_pickled(f.read(4)):
+            refuse_pickle(path)
+
+
+def read_safetensors_header(path: str | Path) -> dict[str, TensorInfo]:
+    """Tensor names, dtypes and shapes of a safetensors file, read by `safetensors.safe_open` (header only).
+
+    safe_open checks the whole layout (header length, JSON, every tensor's offsets against its shape and dtype,
+    the data covering the file exactly). Raises `CheckpointError` for a pickle, a truncated or corrupt file.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    _refuse_unsafe(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            slices = {key: f.get_slice(key) for key in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+            return {key: TensorInfo(s.get_dtype(), tuple(s.get_shape())) for key, s in slices.items()}
+    except SafetensorError as error:
+        raise CheckpointError(explain_refusal(path) or f"{path}: not a safetensors file ({error})") from None
+
+
+def explain_refusal(path: Path) -> str | None:
+    """Why safetensors refused `path`, naming the file and the key, or None when no reason is found here.
+
+    Read only after safe_open has refused the file: its errors ("invalid header length", "incomplete metadata,
+    file not fully covered", "invalid shape, data type, or offset for tensor") say neither that the file is
+    truncated nor which tensor is wrong, and a truncated download is the common case worth naming.
+    """
     size = path.stat().st_size
     with path.open("rb") as f:
         head = f.read(8)
-        if _looks_pickled(head):
-            refuse_pickle(path)
         if len(head) < 8:
-            raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, less than its 8-byte header)")
-        (header_len,) = struct.unpack("<Q", head)
+            return f"{path}: truncated safetensors file ({size} bytes, less than its 8-byte header)"
+        header_len = int.from_bytes(head, "little")  # the format: u64 little-endian header length, then JSON
         if header_len > MAX_HEADER_BYTES:
-            raise CheckpointError(f"{path}: not a safetensors file (header length {header_len} is implausible)")
+            return f"{path}: not a safetensors file (header length {header_len} is implausible)"
         if 8 + header_len > size:
-            raise CheckpointError(
-                f"{path}: truncated safetensors file: the header needs {header_len} bytes, only {size - 8} remain"
-            )
+            return f"{path}: truncated safetensors file: the header needs {header_len} bytes, only {size - 8} remain"
         raw = f.read(header_len)
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise CheckpointError(f"{path}: not a safetensors file (corrupt JSON header: {error})") from None
+        return f"{path}: not a safetensors file (corrupt JSON header: {error})"
     if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: not a safetensors file (the header is not a JSON object)")
+        return f"{path}: not a safetensors file (the header is not a JSON object)"
+    return _explain_entries(path, header, size - 8 - header_len)
 
-    data_size = size - 8 - header_len
-    tensors: dict[str, TensorInfo] = {}
+
+def _explain_entries(path: Path, header: dict, data_size: int) -> str | None:
+    """The first tensor entry of `header` that is corrupt, lies beyond the data, or has the wrong byte count."""
     end_max = 0
     for key, entry in header.items():
         if key == "__metadata__":
@@ -133,23 +156,20 @@ def read_safetensors_header(path: str | Path) -> dict[str, TensorInfo]:
         try:
             dtype, shape, (begin, end) = entry["dtype"], tuple(int(n) for n in entry["shape"]), entry["data_offsets"]
         except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path}: corrupt header entry for key {key!r}: {entry!r}") from None
+            return f"{path}: corrupt header entry for key {key!r}: {entry!r}"
         if dtype not in DTYPE_SIZES:
-            raise CheckpointError(f"{path}: key {key!r} has unknown dtype {dtype!r}")
+            return f"{path}: key {key!r} has unknown dtype {dtype!r}"
         if end > data_size:
-            raise CheckpointError(
+            return (
                 f"{path}: truncated safetensors file: key {key!r} needs bytes {begin}..{end} of the data, "
                 f"the file holds only {data_size}"
             )
         if end - begin != math.prod(shape) * DTYPE_SIZES[dtype]:
-            raise CheckpointError(f"{path}: key {key!r}: {end - begin} bytes stored for shape {shape} {dtype}")
-        tensors[key] = TensorInfo(dtype, shape)
+            return f"{path}: key {key!r}: {end - begin} bytes stored for shape {shape} {dtype}"
         end_max = max(end_max, end)
     if end_max != data_size:
-        raise CheckpointError(
-            f"{path}: corrupt safetensors file: {data_size - end_max} bytes after the last tensor are not covered"
-        )
-    return tensors
+        return f"{path}: corrupt safetensors file: {data_size - end_max} bytes after the last tensor are not covered"
+    return None
 
 
 def load_checkpoint_state(path: str | Path) -> dict[str, torch.Tensor]:
