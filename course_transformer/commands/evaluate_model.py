@@ -103,15 +103,27 @@ def summary(report: dict) -> str:
     return "\n".join(lines)
 
 
+def check_models(args: argparse.Namespace) -> None:
+    """The model and the reference folders of ours, every weight checked against the config before anything is
+    loaded or written (`CheckpointError` names the file and the keys); the harness checks the rest."""
+    from course_transformer.commands.generate import check_if_ours
+
+    for folder in (args.model, *args.reference):
+        if os.path.isdir(folder):
+            check_if_ours(folder)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     import torch
 
+    from course_transformer.core.checkpoint import CheckpointError
     from evaluation.harness import HarnessInputError, run_harness
 
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
+        check_models(args)
         report = run_harness(
             args.model,
             args.output,
@@ -133,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
             device=args.device,
             progress=not args.no_progress,
         )
-    except HarnessInputError as error:
+    except (HarnessInputError, CheckpointError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(summary(report), flush=True)

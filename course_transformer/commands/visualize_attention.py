@@ -13,6 +13,7 @@ attends most to the key is chosen.
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import sys
 from pathlib import Path
@@ -22,6 +23,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np
 
+from course_transformer.core.io import atomic_write_bytes
 from evaluation import analysis
 
 
@@ -77,47 +79,73 @@ def save_figure(fig, path: Path, dpi: int = 100) -> Path:
     """Lay out, write `path` atomically (a reader never sees half a PNG) and close the figure."""
     plt = analysis._plt()
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=dpi)
+    image = io.BytesIO()
+    fig.savefig(image, format=path.suffix.lstrip(".").lower() or "png", dpi=dpi)
     plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return atomic_write_bytes(path, image.getvalue())
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        model, tokenizer, label = analysis.load_named_model(args.model)
-        record = analysis.collect_attentions(model, tokenizer, [args.text])[0]
-        attention, tokens = record.attention, record.tokens  # (L, H, n, n)
-        query = find_token(tokens, args.query, "--query") if args.query else None
-        key = find_token(tokens, args.key, "--key") if args.key else None
-    except (FileNotFoundError, OSError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    num_layers, num_heads = attention.shape[:2]
-    layer = args.layer - 1 if args.layer else None
-    head = args.head - 1 if args.head else None
+def load_model(name: str):
+    """(model, tokenizer, label) of a named model or a folder; a folder of ours has every weight checked against
+    its config first, and a path that does not exist is reported as such."""
+    from course_transformer.commands.generate import check_if_ours, existing_folder
+
+    if name not in analysis.MODEL_NAMES:
+        try:
+            check_if_ours(existing_folder(name))
+        except FileNotFoundError:
+            names = ", ".join(analysis.MODEL_NAMES)
+            raise FileNotFoundError(f"--model {name}: no such folder (nor one of the names {names})") from None
+    return analysis.load_named_model(name)
+
+
+def sentence_attention(args: argparse.Namespace):
+    """(attention (L, H, n, n), tokens, label, query index, key index) of the sentence."""
+    model, tokenizer, label = load_model(args.model)
+    record = analysis.collect_attentions(model, tokenizer, [args.text])[0]
+    query = find_token(record.tokens, args.query, "--query") if args.query else None
+    key = find_token(record.tokens, args.key, "--key") if args.key else None
+    return record.attention, record.tokens, label, query, key
+
+
+def choose_head(attention, tokens, layer: int | None, head: int | None, query: int | None, key: int | None):
+    """(layer, head), 0-based: with a query and a key but no full choice, where the query attends most to the key;
+    else layer 0 by default and head None (every head)."""
     if query is not None and key is not None and (layer is None or head is None):
         scores = attention[:, :, query, key]  # (L, H)
         if layer is not None:
-            scores = np.where(np.arange(num_layers)[:, None] == layer, scores, -1)
+            scores = np.where(np.arange(scores.shape[0])[:, None] == layer, scores, -1)
         layer, head = (int(i) for i in np.unravel_index(int(np.argmax(scores)), scores.shape))
         print(
             f"'{tokens[query]}' attends most to '{tokens[key]}' in layer {layer + 1}, head {head + 1}: "
             f"{attention[layer, head, query, key]:.2f}"
         )
-    layer = 0 if layer is None else layer
+    return (0 if layer is None else layer), head
+
+
+def print_top_keys(attention, tokens, layer: int, query: int) -> None:
+    print(f"top keys of '{tokens[query]}' in layer {layer + 1}:")
+    for h in range(attention.shape[1]):
+        row = attention[layer, h, query]
+        top = np.argsort(row)[::-1][:3]
+        print(f"  head {h + 1:2d}: " + ", ".join(f"{tokens[k]} {row[k]:.2f}" for k in top))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        attention, tokens, label, query, key = sentence_attention(args)
+    except (FileNotFoundError, OSError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    num_layers, num_heads = attention.shape[:2]
+    first = (args.layer - 1 if args.layer else None), (args.head - 1 if args.head else None)
+    layer, head = choose_head(attention, tokens, *first, query, key)
     if not (0 <= layer < num_layers) or (head is not None and not 0 <= head < num_heads):
         print(f"error: the model has {num_layers} layers x {num_heads} heads (counted from 1)", file=sys.stderr)
         return 2
     if query is not None:
-        print(f"top keys of '{tokens[query]}' in layer {layer + 1}:")
-        for h in range(num_heads):
-            row = attention[layer, h, query]
-            top = np.argsort(row)[::-1][:3]
-            print(f"  head {h + 1:2d}: " + ", ".join(f"{tokens[k]} {row[k]:.2f}" for k in top))
+        print_top_keys(attention, tokens, layer, query)
     heads = [head] if head is not None else list(range(num_heads))
     render(attention, tokens, layer, heads, query, args.output, f"{label}\n{args.text}")
     print(f"wrote {args.output}")
