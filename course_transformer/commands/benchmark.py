@@ -17,11 +17,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 
-from evaluation.benchmark import BenchSettings, atomic_write_bytes, profile_forward, run_benchmark
+from course_transformer.core.io import atomic_write_bytes
+from evaluation.benchmark import BenchSettings, profile_forward, run_benchmark
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="course-transformer benchmark", description=__doc__.splitlines()[0])
     parser.add_argument(
         "--mode",
         choices=("quick", "full", "tiny"),
@@ -41,9 +42,23 @@ def main(argv: list[str] | None = None) -> int:
         help="instead of the benchmark, write torch.profiler tables of ours vs HF for this family "
         "(forward and training step) into OUTPUT/profile_<family>.txt",
     )
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    return parser
 
+
+def write_profile(settings: BenchSettings, family: str, output: str) -> Path:
+    """torch.profiler tables of ours vs HF (forward and training step, sdpa and eager), written atomically."""
+    torch.set_num_threads(settings.threads or os.cpu_count() or 1)
+    text = "\n\n".join(
+        profile_forward(settings, family, backend, task)
+        for task in ("forward", "train")
+        for backend in ("sdpa", "eager")
+    )
+    return atomic_write_bytes(Path(output) / f"profile_{family.replace('-', '_')}.txt", text.encode())
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     overrides = {"threads": args.threads, "plots": not args.no_plots}
     if args.repeats is not None:
         overrides["repeats"] = args.repeats
@@ -51,15 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides["families"] = tuple(args.families)
     settings = BenchSettings.preset(args.mode, **overrides)
     if args.profile:
-        torch.set_num_threads(settings.threads or os.cpu_count() or 1)
-        text = "\n\n".join(
-            profile_forward(settings, args.profile, backend, task)
-            for task in ("forward", "train")
-            for backend in ("sdpa", "eager")
-        )
-        path = Path(args.output) / f"profile_{args.profile.replace('-', '_')}.txt"
-        atomic_write_bytes(path, text.encode())
-        print(f"profile: {path}")
+        print(f"profile: {write_profile(settings, args.profile, args.output)}")
         return 0
     report = run_benchmark(settings, args.output)
     summary = report["summary"]
