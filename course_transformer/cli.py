@@ -4,12 +4,12 @@
     course-transformer train --help
     course-transformer publish outputs/tiny-decoder --repo-id user/tiny-decoder --dry-run
 
-Every subcommand imports its module (a layer below this one: `course_transformer.commands`, `evaluation` or
-`course_transformer.core`; never `scripts/`, which is not installed) only when it runs (so `--help` is fast and one
-missing part does not break
-the others) and calls the module's `main(argv)` with the arguments after the subcommand name; the module's own
-parser documents its options and defaults (`course-transformer COMMAND --help`). An error is one line on stderr;
-`--debug` (anywhere on the line) shows the traceback instead.
+Every subcommand imports its module by name only when it runs (so `--help` is fast and one missing part does not
+break the others) and calls the module's `main(argv)` with the arguments after the subcommand name; the module's own
+parser documents its options and defaults (`course-transformer COMMAND --help`). The modules are in the layers below
+this one (`LAYERS_BELOW`), never in `scripts/` (not installed), and nothing here touches `sys.path`: an import by
+name is invisible to the import contract, so tests/test_cli.py checks the table instead. An error is one line on
+stderr; `--debug` (anywhere on the line) shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from typing import NoReturn
 
 PROG = "course-transformer"
+# The packages a command module may live in: the layers below the CLI (commands -> evaluation -> core).
+LAYERS_BELOW = ("course_transformer.commands", "evaluation", "course_transformer.core")
 
 
 @dataclass(frozen=True)
@@ -115,50 +117,59 @@ def _one_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text}" if not isinstance(error, (ValueError, RuntimeError, OSError)) else text
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in argv
-    argv = [a for a in argv if a != "--debug"]
-    before, command, rest = _split(argv)
-    parser = build_parser()
-    parser.parse_args(before + ([command] if command else []))  # handles --help, --version, unknown commands
-    logging.basicConfig(
-        level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
-    )
+class _Refused(Exception):
+    """A command that did not run to the end: the one line to print and the exit status."""
 
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.status = status
+
+
+def _entry_point(command: str, debug: bool):
+    """The `main(argv)` of the command's module."""
     spec = COMMANDS[command]
     try:
         module = load_module(spec.modules)
     except ModuleUnavailable as missing:
-        print(f"{PROG} {command}: {command} is not available: module {missing} not found", file=sys.stderr)
-        return 2
+        raise _Refused(f"{command} is not available: module {missing} not found", 2) from None
     except Exception as error:
         if debug:
             raise
-        print(f"{PROG} {command}: error importing {' or '.join(spec.modules)}: {_one_line(error)}", file=sys.stderr)
-        return 1
+        raise _Refused(f"error importing {' or '.join(spec.modules)}: {_one_line(error)}", 1) from None
     entry = getattr(module, "main", None)
     if not callable(entry):
-        print(
-            f"{PROG} {command}: {command} is not available: module {module.__name__} has no main(argv)",
-            file=sys.stderr,
-        )
-        return 2
+        raise _Refused(f"{command} is not available: module {module.__name__} has no main(argv)", 2)
+    return entry
 
+
+def _run(entry, argv: list[str], debug: bool) -> int:
     try:
-        status = entry(rest)
+        status = entry(argv)
     except KeyboardInterrupt:
-        print(f"{PROG} {command}: interrupted", file=sys.stderr)
-        return 130
+        raise _Refused("interrupted", 130) from None
     except SystemExit:
         raise  # argparse's own exits (--help, usage errors) keep their status
     except Exception as error:
         if debug:
             raise
-        print(f"{PROG} {command}: error: {_one_line(error)} (--debug shows the traceback)", file=sys.stderr)
-        return 1
+        raise _Refused(f"error: {_one_line(error)} (--debug shows the traceback)", 1) from None
     # modules return an exit status, or a result object (a dict of paths, a tokenizer) that means success
     return status if isinstance(status, int) and not isinstance(status, bool) else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    before, command, rest = _split([a for a in argv if a != "--debug"])
+    build_parser().parse_args(before + ([command] if command else []))  # handles --help, --version, unknown commands
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        return _run(_entry_point(command, debug), rest, debug)
+    except _Refused as refused:
+        print(f"{PROG} {command}: {refused}", file=sys.stderr)
+        return refused.status
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import importlib
 import subprocess
 import sys
@@ -67,19 +68,33 @@ def test_debug_is_taken_from_anywhere_and_not_passed_on(monkeypatch, capsys):
     assert seen == [["--steps", "3"]]
 
 
+def test_every_command_module_is_in_a_layer_below_the_cli():
+    """Modules imported by name escape the import contract: the table itself must point only downward."""
+    for name, command in cli.COMMANDS.items():
+        for module in command.modules:
+            assert module.startswith(tuple(f"{layer}." for layer in cli.LAYERS_BELOW)), (name, module)
+    tree = ast.parse(Path(cli.__file__).read_text())
+    touches_path = [n.lineno for n in ast.walk(tree) if isinstance(n, ast.Attribute) and ast.unparse(n) == "sys.path"]
+    assert not touches_path, f"cli.py uses sys.path on lines {touches_path}"
+    imported = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+    imported += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    assert not [m for m in imported if m and m.split(".")[0] == "scripts"]  # scripts/ sits above the package
+
+
 def test_missing_module_is_one_clear_line(monkeypatch, capsys):
-    monkeypatch.setitem(cli.COMMANDS, "train", cli.Command("train", ("scripts.no_such_trainer",)))
+    name = "course_transformer.commands.no_such_trainer"
+    monkeypatch.setitem(cli.COMMANDS, "train", cli.Command("train", (name,)))
     for argv in (["train", "--steps", "3"], ["train", "--help"]):
         code, out, err = run(argv, capsys)
         assert code == 2 and out == ""
-        assert err == "course-transformer train: train is not available: module scripts.no_such_trainer not found\n"
+        assert err == f"course-transformer train: train is not available: module {name} not found\n"
 
 
 def test_second_candidate_module_is_used_when_the_first_is_missing(monkeypatch, capsys):
     seen = []
     fake_module(monkeypatch, "evaluation.fake_bench", main=lambda argv: seen.append(argv) or 0)
     monkeypatch.setitem(
-        cli.COMMANDS, "benchmark", cli.Command("b", ("scripts.no_such_bench", "evaluation.fake_bench"))
+        cli.COMMANDS, "benchmark", cli.Command("b", ("evaluation.no_such_bench", "evaluation.fake_bench"))
     )
     assert run(["benchmark", "--quick"], capsys)[0] == 0 and seen == [["--quick"]]
 
