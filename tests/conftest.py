@@ -1,4 +1,5 @@
-"""Tiny configs, models and a word-level tokenizer shared by the tests (hidden 32, 2 layers, 4 heads)."""
+"""Tiny models and a word-level tokenizer shared by the tests; the tiny configs (hidden 32, 2 layers, 4 heads)
+are `evaluation.tiny`'s, shared with the harness and the benchmark."""
 
 from __future__ import annotations
 
@@ -11,9 +12,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import modeling  # noqa: E402
-from modeling import CourseTransformerConfig  # noqa: E402
+from evaluation.tiny import VOCAB_SIZE as VOCAB  # noqa: E402
+from evaluation.tiny import tiny_config  # noqa: E402, F401 - the tests import it from here
 
-VOCAB = 64
 WORDS = [
     "the",
     "pizza",
@@ -46,27 +47,6 @@ WORDS = [
     "au",
     "parc",
 ]
-
-
-def tiny_config(architecture: str = "decoder", **overrides) -> CourseTransformerConfig:
-    fields = dict(
-        architecture=architecture,
-        vocab_size=VOCAB,
-        hidden_size=32,
-        num_attention_heads=4,
-        num_encoder_layers=2,
-        num_decoder_layers=2,
-        intermediate_size=64,
-        hidden_dropout_prob=0.0,
-        attention_dropout_prob=0.0,
-        max_position_embeddings=64,
-        position_encoding="learned",
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    fields.update(overrides)
-    return CourseTransformerConfig(**fields)
 
 
 HEAD_FOR_ARCH = {
