@@ -21,6 +21,7 @@ from course_transformer.core.conversion import (
     to_bert,
     to_gpt2,
 )
+from evaluation.tiny import tiny_bert_config, tiny_config, tiny_gpt2_config
 
 TOL = 1e-5
 VOCAB = 97
@@ -44,33 +45,13 @@ def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 
 
 def tiny_bert(cls=BertForMaskedLM, seed: int = 0, **overrides):
-    fields = dict(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        type_vocab_size=2,
-    )
-    fields.update(overrides)
-    config = BertConfig(**fields)
+    config = tiny_bert_config(vocab_size=VOCAB, **overrides)
     config._attn_implementation = "eager"
     return randomize_(cls(config), seed)
 
 
 def tiny_gpt2(cls=GPT2LMHeadModel, seed: int = 0, **overrides):
-    fields = dict(
-        vocab_size=VOCAB,
-        n_positions=64,
-        n_embd=32,
-        n_layer=2,
-        n_head=4,
-        bos_token_id=VOCAB - 1,
-        eos_token_id=VOCAB - 1,
-    )
-    fields.update(overrides)
-    config = GPT2Config(**fields)
+    config = tiny_gpt2_config(vocab_size=VOCAB, **overrides)
     config._attn_implementation = "eager"
     return randomize_(cls(config), seed)
 
@@ -274,22 +255,13 @@ def test_gpt2_round_trips_are_bitwise_exact(cls):
 
 def test_our_own_model_exports_to_gpt2():
     """A model built from our config (not from a GPT-2) exports and computes the same thing."""
-    config = modeling.CourseTransformerConfig(
-        architecture="decoder",
+    config = tiny_config(
+        "decoder",
         vocab_size=VOCAB,
-        hidden_size=32,
-        num_attention_heads=4,
-        num_decoder_layers=2,
         intermediate_size=48,
         hidden_act="gelu_tanh",
-        position_encoding="learned",
         norm_placement="pre",
         scale_embeddings=False,
-        max_position_embeddings=64,
-        hidden_dropout_prob=0.0,
-        attention_dropout_prob=0.0,
-        bos_token_id=1,
-        eos_token_id=2,
     )
     config._attn_implementation = "eager"
     torch.manual_seed(0)
@@ -306,17 +278,7 @@ def test_our_own_model_exports_to_gpt2():
 
 
 def _course(**fields):
-    base = dict(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        num_attention_heads=4,
-        num_encoder_layers=2,
-        num_decoder_layers=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-    )
-    base.update(fields)
-    return modeling.CourseTransformerConfig(**base)
+    return tiny_config(**{"vocab_size": VOCAB, **fields})
 
 
 @pytest.mark.parametrize(
@@ -468,19 +430,31 @@ def test_modeling_code_does_not_import_the_converter():
 def test_cli_converts_folders_both_ways_atomically(tmp_path, capsys):
     reference = tiny_gpt2(GPT2LMHeadModel, seed=17)
     reference.save_pretrained(tmp_path / "gpt2")
-    assert conversion.main(["--from-gpt2", str(tmp_path / "gpt2"), "--output", str(tmp_path / "ours")]) == 0
+    assert (
+        conversion.main(["--from-gpt2", str(tmp_path / "gpt2"), "--output", str(tmp_path / "ours"), "--no-tokenizer"])
+        == 0
+    )
     ours = modeling.CourseTransformerForCausalLM.from_pretrained(tmp_path / "ours", attn_implementation="eager")
     assert_parity(ours, reference, padded_batch())
 
-    assert conversion.main(["--to-gpt2", str(tmp_path / "ours"), "--output", str(tmp_path / "back")]) == 0
+    assert (
+        conversion.main(["--to-gpt2", str(tmp_path / "ours"), "--output", str(tmp_path / "back"), "--no-tokenizer"])
+        == 0
+    )
     back = GPT2LMHeadModel.from_pretrained(tmp_path / "back", attn_implementation="eager")
     assert_state_dicts_bitwise_equal(back, reference)
 
     # An existing output is not replaced without --overwrite, and no temporary folder is left behind.
-    assert conversion.main(["--to-gpt2", str(tmp_path / "ours"), "--output", str(tmp_path / "back")]) == 2
+    assert (
+        conversion.main(["--to-gpt2", str(tmp_path / "ours"), "--output", str(tmp_path / "back"), "--no-tokenizer"])
+        == 2
+    )
     assert "exists" in capsys.readouterr().err
     assert (
-        conversion.main(["--to-gpt2", str(tmp_path / "ours"), "--output", str(tmp_path / "back"), "--overwrite"]) == 0
+        conversion.main(
+            ["--to-gpt2", str(tmp_path / "ours"), "--output", str(tmp_path / "back"), "--overwrite", "--no-tokenizer"]
+        )
+        == 0
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["back", "gpt2", "ours"]
     # A GPT-2-shaped model cannot become a BERT: exit 2 naming the field, nothing written.
@@ -492,11 +466,17 @@ def test_cli_converts_folders_both_ways_atomically(tmp_path, capsys):
 def test_cli_bert_masked_lm_folder_round_trip(tmp_path):
     reference = tiny_bert(BertForMaskedLM, seed=37)
     reference.save_pretrained(tmp_path / "bert")
-    assert conversion.main(["--from-bert", str(tmp_path / "bert"), "--output", str(tmp_path / "ours")]) == 0
+    assert (
+        conversion.main(["--from-bert", str(tmp_path / "bert"), "--output", str(tmp_path / "ours"), "--no-tokenizer"])
+        == 0
+    )
     ours = modeling.CourseTransformerForMaskedLM.from_pretrained(tmp_path / "ours", attn_implementation="eager")
     assert ours.lm_head.weight is ours.model.encoder.embeddings.word_embeddings.weight  # re-tied on load
     assert_parity(ours, reference, padded_batch(with_types=True))
-    assert conversion.main(["--to-bert", str(tmp_path / "ours"), "--output", str(tmp_path / "back")]) == 0
+    assert (
+        conversion.main(["--to-bert", str(tmp_path / "ours"), "--output", str(tmp_path / "back"), "--no-tokenizer"])
+        == 0
+    )
     back = BertForMaskedLM.from_pretrained(tmp_path / "back", attn_implementation="eager")
     assert_state_dicts_bitwise_equal(back, reference)
 

@@ -27,7 +27,11 @@ its value and what the target allows.
     >>> ours = from_bert(BertForMaskedLM.from_pretrained(folder))   # CourseTransformerForMaskedLM
     >>> native = to_bert(ours)                                       # BertForMaskedLM again
 
-Command line (writes to a temporary folder next to `--output`, then renames it into place):
+Command line (writes to a temporary folder next to `--output`, then renames it into place). Everything the files
+decide is checked before a weight is read: the source exists and has config.json, `--output` does not exist
+(unless `--overwrite`), the target can express the config, a course folder's weights match it (the safe loader of
+`course_transformer.core.checkpoint`), and the source has a tokenizer that encodes text (`--no-tokenizer`
+converts the weights alone). A refusal is one `error:` line on stderr, exit 2, nothing written:
 
     python -m course_transformer.core.conversion --from-bert PATH --output DIR      # HF BERT folder -> course
     Transformer folder
@@ -42,6 +46,7 @@ This module is imported by tools, never by the modeling code, so saved model fol
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -61,6 +66,12 @@ from transformers import (
     PreTrainedModel,
 )
 
+from course_transformer.core.checkpoint import (
+    load_pretrained_safely,
+    model_class_for,
+    read_config,
+    validate_checkpoint_folder,
+)
 from course_transformer.core.io import atomic_write_dir
 from modeling.configuration_course_transformer import CourseTransformerConfig
 from modeling.modeling_course_transformer import (
@@ -628,7 +639,8 @@ def load_gpt2(path: str | Path, attn_implementation: str = "eager", **kwargs) ->
 
 
 def load_course(path: str | Path, attn_implementation: str = "eager", **kwargs) -> PreTrainedModel:
-    """Load a course Transformer folder with the class named in its config (`architectures`)."""
+    """Load a course Transformer folder with the class named in its config (`architectures`), through the safe
+    loader: missing, unexpected or mis-shaped weights raise `CheckpointError` instead of loading at random."""
     import modeling
 
     model_type, architectures = _architecture(Path(path))
@@ -638,17 +650,24 @@ def load_course(path: str | Path, attn_implementation: str = "eager", **kwargs) 
     cls = getattr(modeling, name, None)
     if cls is None:
         raise ValueError(f"{path}: unknown architecture {name!r}")
-    return cls.from_pretrained(path, attn_implementation=attn_implementation, **kwargs).eval()
+    return load_pretrained_safely(path, cls, attn_implementation=attn_implementation, **kwargs).eval()
 
 
 def save_converted(
-    model: PreTrainedModel, output: str | Path, tokenizer_source: str | Path | None = None, overwrite: bool = False
+    model: PreTrainedModel,
+    output: str | Path,
+    tokenizer_source: str | Path | None = None,
+    overwrite: bool = False,
+    tokenizer=None,
 ) -> Path:
-    """`save_pretrained` into `output` atomically, with the tokenizer of `tokenizer_source` when it has one."""
+    """`save_pretrained` into `output` atomically, with `tokenizer`, or else the tokenizer of `tokenizer_source`
+    when it has one (a warning when it has none; the command line refuses that case with `source_tokenizer`)."""
 
     def write(folder: Path) -> None:
         model.save_pretrained(folder)
-        if tokenizer_source is not None:
+        if tokenizer is not None:
+            tokenizer.save_pretrained(folder)
+        elif tokenizer_source is not None:
             try:
                 from transformers import AutoTokenizer
 
@@ -675,38 +694,170 @@ def max_output_difference(a: nn.Module, b: nn.Module, seed: int = 0, length: int
     return (main_output(a).float() - main_output(b).float()).abs().max().item()
 
 
-def main(argv: list[str] | None = None) -> int:
+# --------------------------------------------------------------------------------------------------------------
+# Command line: every check that the files allow runs before a weight is read, and nothing is written on failure
+# --------------------------------------------------------------------------------------------------------------
+
+# Files one of which a tokenizer folder has; without any, transformers builds an empty GPT-2 tokenizer silently.
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "vocab.txt", "tokenizer.model", "spiece.model")
+# The course classes each export takes (`to_bert` / `to_gpt2` raise TypeError for the others).
+EXPORTABLE = {
+    "to_bert": ("CourseTransformerModel", "CourseTransformerForMaskedLM"),
+    "to_gpt2": ("CourseTransformerModel", "CourseTransformerForCausalLM"),
+}
+
+
+def check_source_folder(source: Path) -> None:
+    """A missing path is reported as missing, a file as not a folder, a folder without config.json as such."""
+    if not source.exists():
+        raise FileNotFoundError(f"{source}: no such file or folder")
+    if not source.is_dir():
+        raise NotADirectoryError(f"{source}: not a folder (a saved model folder holds config.json and the weights)")
+    if not (source / "config.json").is_file():
+        raise FileNotFoundError(f"{source}: no config.json, so not a saved model folder")
+
+
+def check_convertible(direction: str, source: Path) -> int:
+    """What config.json alone decides, before any weight is read: the model type, whether the target can express
+    the config, and (course folders) that the weights match it. Returns the vocabulary size."""
+    try:
+        return _check_export(direction, source) if direction in EXPORTABLE else _check_import(direction, source)
+    except ValueError as error:
+        if str(source) in str(error):
+            raise
+        raise ValueError(f"{source}: {error}") from None  # name the folder whose config cannot be converted
+
+
+def _check_export(direction: str, source: Path) -> int:
+    config = read_config(source)
+    (course_config_to_bert if direction == "to_bert" else course_config_to_gpt2)(config)
+    cls = model_class_for(config)
+    if cls.__name__ not in EXPORTABLE[direction]:
+        allowed = " or ".join(EXPORTABLE[direction])
+        raise TypeError(f"{source}: {direction} exports {allowed}, not {cls.__name__}")
+    validate_checkpoint_folder(source, cls)  # missing, unexpected or mis-shaped weights
+    return config.vocab_size
+
+
+def _check_import(direction: str, source: Path) -> int:
+    family = direction.removeprefix("from_")
+    model_type, _ = _architecture(source)
+    if model_type != family:
+        raise ValueError(f"{source / 'config.json'}: model_type={model_type!r}, expected {family!r}")
+    if family == "bert":
+        config = BertConfig.from_pretrained(source)
+        bert_config_to_course(config)
+    else:
+        config = GPT2Config.from_pretrained(source)
+        gpt2_config_to_course(config)
+    return config.vocab_size
+
+
+def source_tokenizer(source: Path, vocab_size: int):
+    """The source folder's tokenizer, refused when it has no tokenizer files, does not load, encodes text as
+    nothing, or yields ids the model has no embedding for."""
+    from transformers import AutoTokenizer
+
+    if not any((source / name).is_file() for name in TOKENIZER_FILES):
+        raise FileNotFoundError(
+            f"{source}: no tokenizer files (none of {', '.join(TOKENIZER_FILES)}); add the tokenizer to the folder, "
+            "or pass --no-tokenizer to convert the weights alone"
+        )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError, TypeError) as error:
+        raise ValueError(f"{source}: the tokenizer does not load: {error}") from None
+    ids = tokenizer("Hello world")["input_ids"]
+    if not ids:
+        raise ValueError(f"{source}: the tokenizer ({len(tokenizer)} tokens) encodes 'Hello world' as []")
+    if len(tokenizer) > vocab_size:
+        raise ValueError(f"{source}: the tokenizer has {len(tokenizer)} tokens but config.json has {vocab_size=}")
+    return tokenizer
+
+
+def load_and_convert(direction: str, source: Path) -> tuple[PreTrainedModel, PreTrainedModel]:
+    """(source model, converted model); course folders are read by the safe loader."""
+    if direction == "from_bert":
+        model = load_bert(source)
+        return model, from_bert(model)
+    if direction == "from_gpt2":
+        model = load_gpt2(source)
+        return model, from_gpt2(model)
+    model = load_course(source)
+    return model, (to_bert(model) if direction == "to_bert" else to_gpt2(model))
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m course_transformer.core.conversion",
         description="Convert between Hugging Face BERT/GPT-2 and the course Transformer.",
     )
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--from-bert", metavar="PATH", help="Hugging Face BERT folder -> course Transformer")
-    source.add_argument("--from-gpt2", metavar="PATH", help="Hugging Face GPT-2 folder -> course Transformer")
-    source.add_argument("--to-bert", metavar="PATH", help="course Transformer folder -> Hugging Face BERT")
-    source.add_argument("--to-gpt2", metavar="PATH", help="course Transformer folder -> Hugging Face GPT-2")
+    source.add_argument(
+        "--from-bert", metavar="PATH", type=Path, help="Hugging Face BERT folder -> course Transformer"
+    )
+    source.add_argument(
+        "--from-gpt2", metavar="PATH", type=Path, help="Hugging Face GPT-2 folder -> course Transformer"
+    )
+    source.add_argument("--to-bert", metavar="PATH", type=Path, help="course Transformer folder -> Hugging Face BERT")
+    source.add_argument("--to-gpt2", metavar="PATH", type=Path, help="course Transformer folder -> Hugging Face GPT-2")
     parser.add_argument("--output", required=True, type=Path, help="folder to write (atomically)")
     parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
-    args = parser.parse_args(argv)
+    parser.add_argument(
+        "--no-tokenizer", action="store_true", help="convert the weights alone (the source has no tokenizer)"
+    )
+    return parser
 
-    try:
-        if args.from_bert or args.from_gpt2:
-            path = args.from_bert or args.from_gpt2
-            source_model = load_bert(path) if args.from_bert else load_gpt2(path)
-            converted = from_bert(source_model) if args.from_bert else from_gpt2(source_model)
-        else:
-            path = args.to_bert or args.to_gpt2
-            source_model = load_course(path)
-            converted = to_bert(source_model) if args.to_bert else to_gpt2(source_model)
-        difference = max_output_difference(source_model, converted)
-        save_converted(converted, args.output, tokenizer_source=path, overwrite=args.overwrite)
-    except (ValueError, TypeError, KeyError, OSError) as error:  # OSError covers missing or existing folders
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print(
-        f"{type(source_model).__name__} ({path}) -> {type(converted).__name__} ({args.output}); "
+
+def _one_line(error: BaseException) -> str:
+    text = error.args[0] if isinstance(error, KeyError) and error.args else error  # KeyError's str() adds quotes
+    return " ".join(str(text).split())
+
+
+def convert_folder(direction: str, source: Path, output: Path, overwrite: bool, with_tokenizer: bool) -> str:
+    """Check everything the files allow, then load, convert and write `output` atomically; returns a summary."""
+    check_source_folder(source)
+    if output.exists() and not overwrite:
+        raise FileExistsError(f"{output} exists; pass --overwrite to replace it")
+    vocab_size = check_convertible(direction, source)
+    tokenizer = source_tokenizer(source, vocab_size) if with_tokenizer else None
+    source_model, converted = load_and_convert(direction, source)
+    difference = max_output_difference(source_model, converted)
+    save_converted(converted, output, overwrite=overwrite, tokenizer=tokenizer)
+    return (
+        f"{type(source_model).__name__} ({source}) -> {type(converted).__name__} ({output}); "
         f"max |output difference| on a random padded batch: {difference:.3g}"
     )
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """No loading bars or load reports on stderr: the command's refusal is its one line (missing weights are
+    refused by `load_bert` / `load_gpt2` with the keys the report would list)."""
+    from transformers.utils import logging as hf_logging
+
+    bars, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    direction = next(name for name in ("from_bert", "from_gpt2", "to_bert", "to_gpt2") if getattr(args, name))
+    source, with_tokenizer = getattr(args, direction), not args.no_tokenizer
+    try:
+        with _quiet_transformers():
+            summary = convert_folder(direction, source, args.output, args.overwrite, with_tokenizer)
+    except (ValueError, TypeError, KeyError, OSError) as error:  # CheckpointError is a ValueError
+        print(f"error: {_one_line(error)}", file=sys.stderr)
+        return 2
+    print(summary)
     return 0
 
 
