@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib.util
+import io
 import json
 import math
 import os
@@ -55,7 +56,7 @@ from transformers import (  # noqa: E402
 )
 
 from course_transformer.core.conversion import from_bert, from_gpt2, load_bert, load_gpt2, to_bert, to_gpt2  # noqa: E402
-from course_transformer.core.io import atomic_write_text  # noqa: E402
+from course_transformer.core.io import atomic_write_bytes, atomic_write_text  # noqa: E402
 from course_transformer.core.tokenizers import byte_level_tokenizer, byte_vocab  # noqa: E402
 from evaluation.tiny import tiny_bert_config, tiny_gpt2_config  # noqa: E402
 
@@ -604,8 +605,10 @@ def plot(
             fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
     fig.suptitle(f"Attention parity, {name} ({dtype}), sentence 0: {SENTENCES[sentence]!r}", fontsize=10)
     fig.subplots_adjust(left=0.07, right=0.97, bottom=0.08, top=0.93, wspace=0.45, hspace=0.45)
-    fig.savefig(path, dpi=80)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=80)
     plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())  # like parity.json: a reader never sees half a figure
 
 
 def main(argv: list[str] | None = None) -> int:
