@@ -2,8 +2,9 @@
 dropout).
 
 - Kill trials: one uninterrupted reference run, then runs killed with SIGKILL at seeded-random moments and one
-  killed deterministically in the middle of writing a checkpoint (the `COURSE_TRAIN_TEST_PAUSE_IN_CHECKPOINT`
-  hook stops the writer after accelerate's files, before `progress.json` and the rename). Each is resumed with
+  killed deterministically in the middle of writing a checkpoint (this file, run as a script, is the train command
+  with `accelerate.Accelerator.save_state` wrapped to stop the writer after accelerate's files, before
+  `progress.json` and the rename: the fault is injected here, not in the training code). Each is resumed with
   `--resume` to the end; the final safetensors must equal the reference's bit for bit, the resume must start from
   the newest complete checkpoint, and a half-written one must never be picked up.
 - A non-finite loss: `learning_rate=1e6` makes the gradients overflow at step 2; the process exits with status 3
@@ -28,7 +29,7 @@ import pytest
 import torch
 import yaml
 
-from course_transformer.commands.training_lib import PAUSE_IN_CHECKPOINT_ENV, checkpoint_dirs, read_metrics
+from course_transformer.commands.training_lib import checkpoint_dirs, read_metrics
 
 REPO = Path(__file__).resolve().parent.parent
 SEED = 20240611  # of the kill moments
@@ -75,25 +76,21 @@ def config_path(tmp_path_factory) -> Path:
     return path
 
 
-def launch(config: Path, run_dir: Path, *args: str, env: dict | None = None) -> subprocess.Popen:
-    """`course-transformer train` in the background; stdout and stderr go to `<run_dir>.log` (appended)."""
-    command = [
-        sys.executable,
-        "-m",
-        "course_transformer.commands.train",
-        "--config",
-        str(config),
-        "--set",
-        f"run_dir={run_dir}",
-        *args,
-    ]
-    environment = {k: v for k, v in os.environ.items() if k != PAUSE_IN_CHECKPOINT_ENV}
+def launch(config: Path, run_dir: Path, *args: str, pause_in_checkpoint: int | None = None) -> subprocess.Popen:
+    """`course-transformer train` in the background; stdout and stderr go to `<run_dir>.log` (appended). With
+    `pause_in_checkpoint=STEP`, the same command with the writer of checkpoint STEP stopped mid-write (see
+    `pause_in_checkpoint` below)."""
+    command = [sys.executable, "-m", "course_transformer.commands.train"]
+    if pause_in_checkpoint is not None:
+        command = [sys.executable, __file__, "--pause-in-checkpoint", str(pause_in_checkpoint)]
+    command += ["--config", str(config), "--set", f"run_dir={run_dir}", *args]
+    environment = dict(os.environ)
     environment.update(
         HF_HUB_OFFLINE="1",
         TOKENIZERS_PARALLELISM="false",
         OMP_NUM_THREADS="1",  # the same in every process: bitwise equal results need the same reductions
         PYTHONUNBUFFERED="1",
-        **(env or {}),
+        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),  # for the script
     )
     log = open(f"{run_dir}.log", "a")  # noqa: SIM115 (closed when the process has ended)
     process = subprocess.Popen(command, cwd=REPO, env=environment, stdout=log, stderr=subprocess.STDOUT)
@@ -141,7 +138,7 @@ def where_killed(run_dir: Path) -> str:
     partial = sorted(p.name for p in root.iterdir() if p.name.startswith(".")) if root.is_dir() else []
     if partial:
         return f"writing checkpoint ({', '.join(partial)} left)"
-    if (run_dir / ".tmp-final").exists():
+    if list(run_dir.glob(".final.tmp-*")):  # course_transformer.core.io.atomic_write_dir's temporary folder
         return "writing final/"
     return "between checkpoints" if last_step(run_dir) < MAX_STEPS else "after the last step"
 
@@ -163,7 +160,7 @@ def test_sigkill_at_random_moments_then_resume_gives_bit_identical_weights(confi
             time.sleep(delay)
             moment = f"step {target} logged + {delay * 1000:.0f} ms"
         else:  # the writer of checkpoint 12 stops after accelerate's files, before progress.json and the rename
-            process = launch(config_path, run, env={PAUSE_IN_CHECKPOINT_ENV: f"{target}:600"})
+            process = launch(config_path, run, pause_in_checkpoint=target)
             log = Path(f"{run}.log")
             wait_until(lambda log=log: "[test hook] pausing" in log.read_text(), process, "the paused checkpoint")
             moment = f"inside checkpoint {target}"
@@ -238,3 +235,35 @@ def test_non_finite_loss_exits_3_naming_the_step_and_keeps_the_last_good_checkpo
     result = train(config, resume=True)
     saved, checkpoint = load_file(result["final"] / "model.safetensors"), load_file(good / "model.safetensors")
     assert all(torch.equal(saved[k], checkpoint[k]) for k in checkpoint) and saved.keys() == checkpoint.keys()
+
+
+def pause_in_checkpoint(step: int, seconds: float = 600.0) -> None:
+    """Make the main process of the train command stop for `seconds` in the middle of writing checkpoint `step`:
+    after accelerate's files, before `progress.json` and the rename, so that a SIGKILL lands mid-write."""
+    from accelerate import Accelerator
+
+    save_state = Accelerator.save_state
+
+    def save_state_then_pause(self, output_dir=None, **kwargs):
+        saved = save_state(self, output_dir, **kwargs)
+        folder = Path(output_dir)
+        if self.is_main_process and folder.name == f".tmp-step-{step:07d}":
+            written = ", ".join(sorted(p.name for p in folder.iterdir()))
+            message = f"[test hook] pausing {seconds:g} s inside checkpoint step {step}: {folder} holds {written}"
+            print(message, flush=True)
+            time.sleep(seconds)
+        return saved
+
+    Accelerator.save_state = save_state_then_pause
+
+
+if __name__ == "__main__":  # python tests/test_fault_tolerance.py --pause-in-checkpoint STEP TRAIN-ARGUMENTS...
+    import argparse
+
+    from course_transformer.commands.train import main
+
+    parser = argparse.ArgumentParser(description="the train command, paused inside one checkpoint")
+    parser.add_argument("--pause-in-checkpoint", type=int, required=True, metavar="STEP")
+    known, train_arguments = parser.parse_known_args()
+    pause_in_checkpoint(known.pause_in_checkpoint)
+    main(train_arguments)

@@ -321,6 +321,35 @@ def test_bad_config_values_fail_fast_naming_the_field(override, field):
         load_config("configs/train/demo-cpu.yaml", ["dataset=.", override] if field != "dataset" else [override])
 
 
+@pytest.mark.parametrize(
+    "split, texts, what",
+    [
+        ("train", [], "is empty (0 rows)"),
+        ("validation", ["  ", "", "\n"], "has 3 rows, every text in column 'text' is blank"),
+    ],
+)
+def test_an_empty_or_blank_split_is_refused_in_one_line_naming_the_split_and_the_file(
+    tmp_path, capsys, split, texts, what
+):
+    """It used to die with `IndexError: list index out of range`; now: one line, exit 1, nothing written."""
+    from datasets import Dataset, DatasetDict, Features, Value
+
+    from course_transformer import cli
+
+    text = Features({"text": Value("string")})
+    good = Dataset.from_dict({"text": ["And the king saw the city."] * 40}, features=text)
+    splits = {"train": good, "validation": good, split: Dataset.from_dict({"text": texts}, features=text)}
+    DatasetDict(splits).save_to_disk(str(tmp_path / "data"))
+    capsys.readouterr()  # drop save_to_disk's progress bars
+    run = tmp_path / "run"
+    argv = ["train", "--config", "configs/train/demo-cpu.yaml", "--set", f"dataset={tmp_path / 'data'}"]
+    assert cli.main([*argv, "--set", f"run_dir={run}"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith(f"course-transformer train: error: {tmp_path / 'data' / split}: split {split!r} {what}"), err
+    assert not run.exists()
+
+
 def test_shipped_recipes_load():
     for name in ("demo-cpu", "gpt2-124m", "bert-base-mlm", "vaswani-base-enfr"):
         config = load_config(f"configs/train/{name}.yaml", ["dataset=."])

@@ -20,7 +20,6 @@ import math
 import os
 import re
 import shutil
-import time
 import types
 import typing
 from dataclasses import dataclass, field
@@ -29,6 +28,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from course_transformer.core.io import atomic_write_text, replace_dir
 
 OBJECTIVES = ("causal_lm", "masked_lm", "seq2seq")
 TOKENIZER_KINDS = ("bpe", "wordpiece", "shared")
@@ -285,21 +286,12 @@ def model_class(objective: str):
     }[objective]
 
 
+def text_columns(config: TrainConfig) -> list[str]:
+    """The dataset columns the objective reads: the text, or the source and the target."""
+    return [config.source_column, config.target_column] if config.objective == "seq2seq" else [config.text_column]
+
+
 # ------------------------------------------------------------------------------------------------------------ data
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's map of the 256 byte values to printable characters (what byte-level BPE tokens are spelled in)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-    printable += list(range(ord("®"), ord("ÿ") + 1))
-    chars, extra = {}, 0
-    for byte in range(256):
-        if byte in printable:
-            chars[byte] = chr(byte)
-        else:
-            chars[byte] = chr(256 + extra)
-            extra += 1
-    return chars
 
 
 def token_byte_lengths(tokenizer) -> torch.Tensor:
@@ -309,6 +301,8 @@ def token_byte_lengths(tokenizer) -> torch.Tensor:
     tokens count as one byte: the end-of-text token stands for the newline between two documents. Other
     vocabularies (WordPiece) get an estimate: the token's characters, plus one space unless it continues a word.
     """
+    from course_transformer.core.tokenizers import bytes_to_unicode  # imports transformers: only when needed
+
     byte_level = (json.loads(tokenizer.backend_tokenizer.to_str()).get("decoder") or {}).get("type") == "ByteLevel"
     byte_of = {char: byte for byte, char in bytes_to_unicode().items()}
     vocab = tokenizer.get_vocab()
@@ -569,15 +563,12 @@ def check_finite_parameters(model, step: int, accelerator=None) -> None:
 # A checkpoint is `accelerator.save_state` (model.safetensors; optimizer.bin, scheduler.bin and
 # random_states_<rank>.pkl, which hold only tensors and numbers and are read back with `weights_only=True`) plus
 # `progress.json`, written last. Everything goes into `.tmp-step-N`, is fsynced, and becomes `step-N` by one
-# rename: a process killed at any moment leaves either no `step-N` or a complete one. A folder without
-# `progress.json` is never taken for a checkpoint, and partial folders are removed at the next start.
+# rename (`course_transformer.core.io.replace_dir`): a process killed at any moment leaves either no `step-N` or a
+# complete one. A folder without `progress.json` is never taken for a checkpoint, and partial folders are removed
+# at the next start.
 
 PROGRESS_FILE = "progress.json"
 CHECKPOINT_NAME = re.compile(r"^step-\d{7}$")
-# Test hook (tests/test_fault_tolerance.py): "STEP[:SECONDS]" makes the main process stop for SECONDS (default
-# 600) in the middle of writing checkpoint STEP, after accelerate's files and before progress.json and the
-# rename, so that a SIGKILL lands mid-write deterministically.
-PAUSE_IN_CHECKPOINT_ENV = "COURSE_TRAIN_TEST_PAUSE_IN_CHECKPOINT"
 
 
 def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
@@ -600,49 +591,32 @@ def remove_partial_checkpoints(run_dir: str | Path) -> list[Path]:
     return removed
 
 
-def _fsync_dir(folder: Path) -> None:
-    """Flush a folder's files and the folder itself (its entries) to disk."""
-    for path in folder.iterdir():
-        if path.is_file():
-            with path.open("rb") as f:
-                os.fsync(f.fileno())
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def remove_partial_writes(run_dir: str | Path) -> list[Path]:
+    """Delete the temporary folders that a killed process left beside `final/` and `tokenizer/` (the atomic writer
+    of `course_transformer.core.io` writes into `.NAME.tmp-*` and moves an old folder aside to `.NAME.old-*`)."""
+    root = Path(run_dir)
+    leftovers = [p for p in root.glob(".*") if p.is_dir() and re.search(r"\.(tmp|old)-", p.name)]
+    for path in leftovers:
+        shutil.rmtree(path, ignore_errors=True)
+    return leftovers
 
 
-def replace_dir(tmp: Path, target: Path) -> None:
-    """Make the complete folder `tmp` become `target` by renames only; an old `target` is moved aside first, so
-    that no moment exists at which `target` is half deleted."""
-    _fsync_dir(tmp)
-    if target.exists():
-        old = target.with_name(f".old-{target.name}-{os.getpid()}")
-        os.replace(target, old)
-        os.replace(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, target)
-    _fsync_dir(target.parent)
-
-
-def _pause_for_test(step: int, path: Path) -> None:
-    spec = os.environ.get(PAUSE_IN_CHECKPOINT_ENV)
-    if not spec or int(spec.split(":")[0]) != step:
-        return
-    seconds = float(spec.split(":")[1]) if ":" in spec else 600.0
-    written = ", ".join(sorted(p.name for p in path.iterdir()))
-    print(f"[test hook] pausing {seconds:g} s inside checkpoint step {step}: {path} holds {written}", flush=True)
-    time.sleep(seconds)
+def remove_checkpoints(run_dir: str | Path, keep_last: int) -> None:
+    """Delete all complete checkpoints but the `keep_last` newest. Each is first renamed out of the checkpoint
+    names, so that it is no longer a checkpoint from that instant even if the deletion is cut short."""
+    complete = checkpoint_dirs(run_dir)
+    for old in complete[: max(len(complete) - keep_last, 0)]:
+        trash = old.with_name(f".old-{old.name}")
+        os.replace(old, trash)
+        shutil.rmtree(trash, ignore_errors=True)
 
 
 def save_checkpoint(accelerator, run_dir: str | Path, progress: Progress, keep_last: int) -> Path:
     """`accelerator.save_state` + `progress.json` into a temp folder, then one atomic rename; keeps the `keep_last`
-    newest. Collective: every process calls it."""
+    newest. Collective: every process calls it (and writes its part of the state into the same temp folder)."""
     root = Path(run_dir) / "checkpoints"
     final = root / f"step-{progress.step:07d}"
-    tmp = root / f".tmp-step-{progress.step:07d}"
+    tmp = root / f".tmp-{final.name}"  # a name every process knows: `replace_dir`, not `atomic_write_dir`
     if accelerator.is_main_process:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
@@ -650,13 +624,9 @@ def save_checkpoint(accelerator, run_dir: str | Path, progress: Progress, keep_l
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        _pause_for_test(progress.step, tmp)
         (tmp / PROGRESS_FILE).write_text(json.dumps(progress.state_dict()) + "\n")  # last: marks it complete
-        replace_dir(tmp, final)
-        for old in checkpoint_dirs(run_dir)[:-keep_last]:
-            trash = old.with_name(f".old-{old.name}")
-            os.replace(old, trash)  # no longer a checkpoint from this instant, even if the deletion is cut short
-            shutil.rmtree(trash, ignore_errors=True)
+        replace_dir(tmp, final, fsync=True)  # a checkpoint must survive a power cut, not only a kill
+        remove_checkpoints(run_dir, keep_last)
     accelerator.wait_for_everyone()
     return final
 
@@ -681,6 +651,21 @@ def load_checkpoint(accelerator, folder: str | Path) -> Progress:
     return progress
 
 
+# ---------------------------------------------------------------------------------------------- metrics.jsonl
+#
+# The training log of a run: one JSON object per line, appended as training goes. `{"kind": "train", "step", "loss",
+# "step_loss", "lr", "grad_norm", "epoch", "tokens", "tokens_per_s", "mfu", "elapsed_s"}` every `log_every` steps;
+# `{"kind": "eval", "step", "eval_loss", "eval_tokens", "perplexity", "bits_per_byte" (causal LM), "bleu" (seq2seq),
+# "samples"}` at every evaluation. These functions are the only code that knows the format.
+
+EVAL_BOOKKEEPING = ("kind", "step", "eval_tokens", "samples")  # the fields of an "eval" entry that are no metric
+
+
+def append_metrics(path: str | Path, entry: dict) -> None:
+    with Path(path).open("a") as f:
+        f.write(json.dumps(entry) + "\n")
+
+
 def read_metrics(path: str | Path) -> list[dict]:
     """The entries of `metrics.jsonl`. A process killed while appending can leave the last line cut short: that
     line is dropped (any other malformed line is an error)."""
@@ -696,6 +681,22 @@ def read_metrics(path: str | Path) -> list[dict]:
             if number != len(lines) - 1:
                 raise
     return entries
+
+
+def truncate_metrics(path: str | Path, step: int) -> None:
+    """Keep the entries up to optimizer step `step` (a resumed run logs the steps after it again), atomically."""
+    kept = [m for m in read_metrics(path) if m["step"] <= step]
+    atomic_write_text(path, "".join(json.dumps(m) + "\n" for m in kept))
+
+
+def last_evaluation(path: str | Path) -> dict[str, float] | None:
+    """The metrics of the last evaluation in `metrics.jsonl` (`{"eval_loss": ..., "perplexity": ..., ...}`: numbers
+    only, without the step and the samples), or None when the log holds no evaluation."""
+    evals = [m for m in read_metrics(path) if isinstance(m, dict) and m.get("kind") == "eval"]
+    if not evals:
+        return None
+    metrics = {k: v for k, v in evals[-1].items() if k not in EVAL_BOOKKEEPING}
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 def plot_losses(metrics: list[dict], path: str | Path) -> None:
