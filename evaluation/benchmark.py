@@ -43,7 +43,7 @@ from typing import Any
 
 import torch
 
-from course_transformer.core.io import atomic_write_bytes  # re-exported: commands/benchmark.py imports it from here
+from course_transformer.core.io import atomic_write_bytes
 from evaluation import tiny
 from evaluation.flops import matmul_parameters, peak_bf16_flops, transformer_flops_per_token
 
