@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import os
 import subprocess
 import sys
 import tarfile
@@ -36,7 +37,18 @@ from course_transformer.core.tokenizers import bytes_to_unicode
 
 WHISPER_REQUIREMENT = "openai-whisper==20250625"
 TIKTOKEN_MEMBER = "whisper/assets/gpt2.tiktoken"
-DEFAULT_CACHE_DIR = Path(__file__).resolve().parents[1] / "data" / "gpt2-vocab"
+
+
+def _default_cache_dir() -> Path:
+    """`data/gpt2-vocab` of the checkout this package runs from (what `make install` builds); for an installed
+    package (no checkout around it) the user's cache, never a `data` folder inside site-packages."""
+    checkout = Path(__file__).resolve().parents[1]
+    if (checkout / "pyproject.toml").is_file():
+        return checkout / "data" / "gpt2-vocab"
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "course-transformer" / "gpt2-vocab"
+
+
+DEFAULT_CACHE_DIR = _default_cache_dir()
 END_OF_TEXT = "<|endoftext|>"
 END_OF_TEXT_ID = 50256
 EXPECTED = {"Hello world": [15496, 995]}
