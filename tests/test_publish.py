@@ -234,3 +234,23 @@ def test_sharded_checkpoint_is_checked_and_copied_whole(tmp_path):
     result = build_repo_folder(source, tmp_path / "repo", "someone/sharded", validate=False)
     assert set(shards) | {"model.safetensors.index.json"} <= set(result.files)
     assert "model.safetensors" not in result.files
+
+
+def test_the_validator_module_blocks_the_whole_project_even_when_run_with_dash_m(tmp_path):
+    """`python -m course_transformer.commands.validate` imports the package to start: it re-runs itself by path in
+    an isolated interpreter, where an import of any project package by the folder's code is refused."""
+    import subprocess
+    import sys
+
+    from course_transformer.commands.validate import BLOCKED, isolated_command
+
+    assert set(BLOCKED) == {"modeling", "evaluation", "scripts", "course_transformer"}
+    assert isolated_command(["x"])[1:3] == ["-I", str(Path(publish.__file__).with_name("validate.py"))]
+    source = save_source(tmp_path / "decoder", "decoder")
+    build_repo_folder(source, tmp_path / "repo", "someone/decoder", validate=False)
+    code = tmp_path / "repo" / "configuration_course_transformer.py"
+    code.write_text("import course_transformer.core.io  # the tools are not on the Hub\n" + code.read_text())
+    command = [sys.executable, "-m", "course_transformer.commands.validate", str(tmp_path / "repo")]
+    command += ["--task", "text-generation", "--auto-class", "AutoModelForCausalLM"]
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1 and done.stderr.strip().splitlines()[-1] == "ImportError: blocked: course_transformer"

@@ -11,9 +11,10 @@
    model card (`README.md`, YAML metadata from `huggingface_hub.ModelCardData`). Everything is written into a
    temporary folder beside `--output`, which replaces `--output` by one rename only after validation passed:
    a failure leaves no half-written folder.
-2. **Validate**: a fresh Python process in which this package cannot be imported loads the folder with
-   `trust_remote_code=True` through the Auto class of its head, checks no weight was missing, runs one forward
-   pass (finite outputs) and the folder's pipeline on a sample input. A folder that only loads because the
+2. **Validate** (`course_transformer.commands.validate`, run by its path in an isolated interpreter): a fresh
+   Python process in which this package cannot be imported loads the folder with `trust_remote_code=True`
+   through the Auto class of its head, checks no weight was missing, runs one forward pass (finite outputs), the
+   folder's pipeline on a sample input and the model card's usage snippet. A folder that only loads because the
    package is installed here would fail on the Hub; this catches it.
 3. **Upload** (not with `--dry-run`): `HfApi.create_repo(exist_ok=True)` then `HfApi.upload_folder`, with the
    token from `HF_TOKEN` or `hf auth login`. Nothing is reported as uploaded unless the Hub answered.
@@ -37,7 +38,9 @@ from pathlib import Path
 from typing import Any
 
 import modeling
+from course_transformer.commands.validate import isolated_command
 from course_transformer.core.checkpoint import CheckpointError, read_config, validate_checkpoint_folder, weight_files
+from course_transformer.core.io import atomic_write_dir
 from modeling.modeling_course_transformer import AUTO_CLASSES_FOR_ARCHITECTURE
 
 logger = logging.getLogger(__name__)
@@ -56,8 +59,6 @@ TASKS = {
     "CourseTransformerForTokenClassification": ("token-classification", "AutoModelForTokenClassification"),
     "CourseTransformerModel": ("feature-extraction", "AutoModel"),
 }
-# Auto classes a checkpoint of each architecture can be loaded with (heads share the base through its prefix).
-BLOCKED_PACKAGES = ("modeling", "evaluation", "scripts")
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 LICENSE = re.compile(r"^[a-z0-9][a-z0-9.+-]*$")
 DEFAULT_SAMPLE = "the"
@@ -91,82 +92,78 @@ def check_repo_id(repo_id: str) -> str:
     return repo_id
 
 
-# fields of a training log entry that are not evaluation results
-NOT_METRICS = ("step", "epoch", "eval_tokens", "tokens", "elapsed", "time", "learning_rate", "lr")
-
-
-def _last_eval_entry(path: Path, entries: list) -> dict:
-    """The last `{"kind": "eval", ...}` line of a training log (course_transformer/commands/train.py's
-    metrics.jsonl)."""
-    evals = [e for e in entries if isinstance(e, dict) and e.get("kind") == "eval"]
-    if not evals:
-        raise PublishError(f'--results {path}: no evaluation entry ({{"kind": "eval", ...}}) in this log')
-    return {k: v for k, v in evals[-1].items() if k not in NOT_METRICS and k != "kind"}
-
-
 def read_results(path: str | Path, default_dataset: str | None = None) -> list[dict[str, Any]]:
     """Metrics from a harness report JSON, as rows {metric, value, dataset, split, config}.
 
     Accepted shapes: `{"results": [{"metric": "perplexity", "value": 12.3, "dataset": "...", "split": "test"}]}`,
     `{"metrics": {"perplexity": 12.3}, "dataset": "..." | {"name": ..., "split": ...}}`, or a flat
     `{"perplexity": 12.3, ...}`; or a training log `metrics.jsonl` (course_transformer/commands/train.py), whose last
-    `{"kind": "eval", ...}` line is read. Non-numeric entries of the flat forms are skipped; no metric is an error.
+    evaluation is read by the training side's own reader. Non-numeric entries of the flat forms are skipped; no
+    metric is an error.
     """
     path = Path(path)
-    try:
-        text = path.read_text()
-        if path.suffix == ".jsonl":
-            report = _last_eval_entry(path, [json.loads(line) for line in text.splitlines() if line.strip()])
-        else:
-            report = json.loads(text)
-    except FileNotFoundError:
-        raise PublishError(f"--results {path}: no such file") from None
-    except json.JSONDecodeError as error:
-        raise PublishError(f"--results {path}: invalid JSON ({error})") from None
+    report = _read_report(path)
     if not isinstance(report, dict):
         raise PublishError(f"--results {path}: expected a JSON object, got {type(report).__name__}")
-
-    def dataset_fields(value: Any) -> dict[str, Any]:
-        if isinstance(value, dict):
-            return {
-                "dataset": value.get("name") or value.get("type"),
-                **{k: value.get(k) for k in ("split", "config")},
-            }
-        return {"dataset": value}
-
-    def number(name: str, value: Any) -> float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise PublishError(f"--results {path}: metric {name!r} has value {value!r}, expected a finite number")
-        return value
-
-    rows = []
-    top_dataset = dataset_fields(report.get("dataset"))
-    if "results" in report:
-        if not isinstance(report["results"], list):
-            raise PublishError(f"--results {path}: 'results' must be a list of {{metric, value}} objects")
-        for i, entry in enumerate(report["results"]):
-            if not isinstance(entry, dict) or "metric" not in entry or "value" not in entry:
-                raise PublishError(f"--results {path}: results[{i}] needs 'metric' and 'value', got {entry!r}")
-            ds = {**top_dataset, **{k: v for k, v in dataset_fields(entry.get("dataset")).items() if v}}
-            rows.append(
-                {"metric": str(entry["metric"]), "value": number(entry["metric"], entry["value"]), **ds}
-                | {k: entry[k] for k in ("split", "config") if entry.get(k)}
-            )
-    elif "metrics" in report:
-        if not isinstance(report["metrics"], dict):
-            raise PublishError(f"--results {path}: 'metrics' must be an object of metric name -> number")
-        rows = [{"metric": k, "value": number(k, v), **top_dataset} for k, v in report["metrics"].items()]
-    else:
-        rows = [
-            {"metric": k, "value": v, **top_dataset}
-            for k, v in report.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-        ]
+    rows = _result_rows(report, path)
     if not rows:
         raise PublishError(f"--results {path}: no numeric metric found")
     for row in rows:
         row["dataset"] = row.get("dataset") or default_dataset or "custom"
     return rows
+
+
+def _read_report(path: Path) -> Any:
+    """The parsed report, or the metrics of the last evaluation of a training log."""
+    from course_transformer.commands.training_lib import last_evaluation
+
+    try:
+        if path.suffix != ".jsonl":
+            return json.loads(path.read_text())
+        if not path.is_file():
+            raise FileNotFoundError(path)
+        report = last_evaluation(path)
+    except FileNotFoundError:
+        raise PublishError(f"--results {path}: no such file") from None
+    except json.JSONDecodeError as error:
+        raise PublishError(f"--results {path}: invalid JSON ({error})") from None
+    if report is None:
+        raise PublishError(f'--results {path}: no evaluation entry ({{"kind": "eval", ...}}) in this log')
+    return report
+
+
+def _dataset_fields(value: Any) -> dict[str, Any]:
+    if isinstance(value, dict):
+        return {"dataset": value.get("name") or value.get("type"), **{k: value.get(k) for k in ("split", "config")}}
+    return {"dataset": value}
+
+
+def _number(path: Path, name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise PublishError(f"--results {path}: metric {name!r} has value {value!r}, expected a finite number")
+    return value
+
+
+def _result_rows(report: dict, path: Path) -> list[dict[str, Any]]:
+    """One row per metric of the report's shape (see `read_results`)."""
+    top = _dataset_fields(report.get("dataset"))
+    if "results" in report:
+        if not isinstance(report["results"], list):
+            raise PublishError(f"--results {path}: 'results' must be a list of {{metric, value}} objects")
+        rows = []
+        for i, entry in enumerate(report["results"]):
+            if not isinstance(entry, dict) or "metric" not in entry or "value" not in entry:
+                raise PublishError(f"--results {path}: results[{i}] needs 'metric' and 'value', got {entry!r}")
+            ds = {**top, **{k: v for k, v in _dataset_fields(entry.get("dataset")).items() if v}}
+            row = {"metric": str(entry["metric"]), "value": _number(path, entry["metric"], entry["value"]), **ds}
+            rows.append(row | {k: entry[k] for k in ("split", "config") if entry.get(k)})
+        return rows
+    if "metrics" in report:
+        if not isinstance(report["metrics"], dict):
+            raise PublishError(f"--results {path}: 'metrics' must be an object of metric name -> number")
+        return [{"metric": k, "value": _number(path, k, v), **top} for k, v in report["metrics"].items()]
+    numbers = {k: v for k, v in report.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return [{"metric": k, "value": v, **top} for k, v in numbers.items() if math.isfinite(v)]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -233,6 +230,30 @@ def training_notes(source: Path) -> tuple[str, list[str]]:
     return "\n".join(kept).strip(), [str(t) for t in tags]
 
 
+CARD_BODY = """\
+# {name}
+
+A course Transformer ({architecture}, `{model_class}`): the classic Transformer of "Attention Is All
+You Need" (Vaswani et al. 2017) as a Hugging Face model whose every attention weight can be inspected.
+{layers}, d_model {hidden}, {heads} heads, d_ff {ff}, {positions} positions, {norm}-norm,
+{params:,} parameters, vocabulary of {vocab} tokens.
+
+## Usage
+
+{usage}
+{results}{training}
+## Files
+
+- `model.safetensors`: the weights (safetensors, no pickle)
+- `config.json`: the architecture, with `auto_map` pointing at the code below
+- `{code}`: the model code, run by `trust_remote_code=True`
+- the tokenizer files and `generation_config.json`
+
+Before upload this folder was loaded, and its pipeline run, in a fresh Python process in which the
+course-transformer package could not be imported.
+"""
+
+
 def build_model_card(
     config,
     model_class: str,
@@ -246,10 +267,35 @@ def build_model_card(
 ):
     """A `huggingface_hub.ModelCard` with YAML metadata (license, library, pipeline tag, tags, results), and the
     training run's own notes (see `training_notes`) as a Training section."""
-    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+    from huggingface_hub import ModelCard
 
     pipeline_tag, auto_class = TASKS[model_class]
     name = repo_id.split("/")[-1]
+    card_data = _card_data(config, pipeline_tag, name, license, datasets, tags, results)
+    body = CARD_BODY.format(
+        name=name,
+        architecture=config.architecture,
+        model_class=model_class,
+        layers=_layers(config),
+        hidden=config.hidden_size,
+        heads=config.num_attention_heads,
+        ff=config.intermediate_size,
+        positions=config.position_encoding,
+        norm=config.norm_placement,
+        params=num_parameters,
+        vocab=config.vocab_size,
+        usage=usage_snippet(repo_id, pipeline_tag, auto_class),
+        results=_results_table(results),
+        training=f"## Training\n\n{training_notes.strip()}\n" if training_notes.strip() else "",
+        code="`, `".join(CODE_FILES),
+    )
+    return ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n{body}")
+
+
+def _card_data(config, pipeline_tag: str, name: str, license: str, datasets, tags, results):
+    """The card's YAML metadata; `results` become its `model-index` evaluation results."""
+    from huggingface_hub import EvalResult, ModelCardData
+
     eval_results = [
         EvalResult(
             task_type=pipeline_tag,
@@ -263,7 +309,7 @@ def build_model_card(
         for row in results
     ]
     all_tags = ["course-transformer", "custom_code", config.architecture, f"{config.position_encoding}-positions"]
-    card_data = ModelCardData(
+    return ModelCardData(
         license=license,
         library_name="transformers",
         pipeline_tag=pipeline_tag,
@@ -272,57 +318,22 @@ def build_model_card(
         model_name=name,
         eval_results=eval_results or None,
     )
-    layers = {
+
+
+def _layers(config) -> str:
+    return {
         "encoder": f"{config.num_encoder_layers} encoder layers",
         "decoder": f"{config.num_decoder_layers} decoder layers",
         "encoder-decoder": f"{config.num_encoder_layers} encoder + {config.num_decoder_layers} decoder layers",
     }[config.architecture]
-    results_table = ""
-    if results:
-        lines = ["| dataset | split | metric | value |", "|---|---|---|---|"]
-        lines += [f"| {r['dataset']} | {r.get('split') or ''} | {r['metric']} | {r['value']:.6g} |" for r in results]
-        results_table = "## Evaluation\n\n" + "\n".join(lines) + "\n"
-    body = textwrap.dedent(
-        """\
-        # {name}
 
-        A course Transformer ({architecture}, `{model_class}`): the classic Transformer of "Attention Is All
-        You Need" (Vaswani et al. 2017) as a Hugging Face model whose every attention weight can be inspected.
-        {layers}, d_model {hidden}, {heads} heads, d_ff {ff}, {positions} positions, {norm}-norm,
-        {params:,} parameters, vocabulary of {vocab} tokens.
 
-        ## Usage
-
-        {usage}
-        {results}{training}
-        ## Files
-
-        - `model.safetensors`: the weights (safetensors, no pickle)
-        - `config.json`: the architecture, with `auto_map` pointing at the code below
-        - `{code}`: the model code, run by `trust_remote_code=True`
-        - the tokenizer files and `generation_config.json`
-
-        Before upload this folder was loaded, and its pipeline run, in a fresh Python process in which the
-        course-transformer package could not be imported.
-        """
-    ).format(
-        name=name,
-        architecture=config.architecture,
-        model_class=model_class,
-        layers=layers,
-        hidden=config.hidden_size,
-        heads=config.num_attention_heads,
-        ff=config.intermediate_size,
-        positions=config.position_encoding,
-        norm=config.norm_placement,
-        params=num_parameters,
-        vocab=config.vocab_size,
-        usage=usage_snippet(repo_id, pipeline_tag, auto_class),
-        results=results_table,
-        training=f"## Training\n\n{training_notes.strip()}\n" if training_notes.strip() else "",
-        code="`, `".join(CODE_FILES),
-    )
-    return ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n{body}")
+def _results_table(results: list[dict[str, Any]]) -> str:
+    if not results:
+        return ""
+    lines = ["| dataset | split | metric | value |", "|---|---|---|---|"]
+    lines += [f"| {r['dataset']} | {r.get('split') or ''} | {r['metric']} | {r['value']:.6g} |" for r in results]
+    return "## Evaluation\n\n" + "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -409,37 +420,16 @@ def build_repo_folder(
 ) -> BuildResult:
     """Build the Hub repository folder of `source` into `output` (atomically) and validate it; see the module doc."""
     source, output = Path(source), Path(output)
-    check_repo_id(repo_id)
-    if not LICENSE.match(license):
-        raise PublishError(f"--license {license!r} is not a license identifier such as 'apache-2.0' or 'mit'")
-    if not source.is_dir():
-        raise PublishError(f"{source}: not a folder")
-    if output.resolve() == source.resolve():
-        raise PublishError(f"--output {output} is the source folder; choose another folder")
-    if output.exists() and not overwrite:
-        raise PublishError(f"--output {output} exists; pass --overwrite to replace it")
+    _check_request(source, output, repo_id, license, overwrite)
     summary = validate_checkpoint_folder(source)  # config + weights, before anything is written
     config = read_config(source)
     if summary.model_class not in TASKS:
         raise PublishError(f"{source}/config.json: no pipeline for architecture {summary.model_class}")
-    pipeline_tag = TASKS[summary.model_class][0]
     results = read_results(results_file, (list(datasets) or [None])[0]) if results_file else []
+    validation: dict[str, Any] = {}
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.tmp-"))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private (0700); the published folder is an ordinary one
-    try:
-        files, weight_map = weight_files(source)
-        for path in files:
-            shutil.copy2(path, tmp / path.name)
-        if weight_map is not None:
-            shutil.copy2(source / "model.safetensors.index.json", tmp / "model.safetensors.index.json")
-        _write_config(source, tmp, config.architecture)
-        _copy_code(source, tmp)
-        _write_generation_config(source, tmp, config)
-        _write_tokenizer(Path(tokenizer) if tokenizer else source, tmp, config.vocab_size)
+    def write(tmp: Path) -> None:  # into a temporary folder beside `output`: renamed only once validated
+        _copy_model(source, tmp, config, Path(tokenizer) if tokenizer else source)
         notes, source_tags = training_notes(source)
         card = build_model_card(
             config,
@@ -453,91 +443,42 @@ def build_repo_folder(
             training_notes=notes,
         )
         card.save(tmp / "README.md")
-        validation = validate_in_fresh_process(tmp, sample_text, timeout, repo_id) if validate else {}
-        _replace_dir(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return BuildResult(output, repo_id, pipeline_tag, list_files(output), validation)
+        if validate:
+            validation.update(validate_in_fresh_process(tmp, sample_text, timeout, repo_id))
+
+    atomic_write_dir(output, write, overwrite=overwrite)
+    return BuildResult(output, repo_id, TASKS[summary.model_class][0], list_files(output), validation)
 
 
-def _replace_dir(tmp: Path, output: Path) -> None:
-    if output.exists():
-        old = output.with_name(f".{output.name}.old-{os.getpid()}")
-        os.replace(output, old)
-        os.replace(tmp, output)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, output)
+def _check_request(source: Path, output: Path, repo_id: str, license: str, overwrite: bool) -> None:
+    """What can be refused before anything is read or written."""
+    check_repo_id(repo_id)
+    if not LICENSE.match(license):
+        raise PublishError(f"--license {license!r} is not a license identifier such as 'apache-2.0' or 'mit'")
+    if not source.is_dir():
+        raise PublishError(f"{source}: not a folder")
+    if output.resolve() == source.resolve():
+        raise PublishError(f"--output {output} is the source folder; choose another folder")
+    if output.exists() and not overwrite:
+        raise PublishError(f"--output {output} exists; pass --overwrite to replace it")
+
+
+def _copy_model(source: Path, target: Path, config, tokenizer_source: Path) -> None:
+    """The weights (shards and index too), config.json with `auto_map`, the code, generation config, tokenizer."""
+    files, weight_map = weight_files(source)
+    for path in files:
+        shutil.copy2(path, target / path.name)
+    if weight_map is not None:
+        shutil.copy2(source / "model.safetensors.index.json", target / "model.safetensors.index.json")
+    _write_config(source, target, config.architecture)
+    _copy_code(source, target)
+    _write_generation_config(source, target, config)
+    _write_tokenizer(tokenizer_source, target, config.vocab_size)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Validation in a fresh process
 # ---------------------------------------------------------------------------------------------------------------
-
-FRESH_SCRIPT = textwrap.dedent(
-    """
-    import importlib.abc, json, math, sys
-    spec = json.loads(sys.argv[1])
-
-    class _Block(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in spec["blocked"]:
-                raise ImportError("blocked: " + name)
-
-    sys.meta_path.insert(0, _Block())
-    for name in spec["blocked"]:
-        try:
-            __import__(name)
-        except ImportError:
-            continue
-        raise SystemExit("package " + name + " is still importable: validation would prove nothing")
-
-    from transformers import AutoConfig
-
-    folder, task = spec["folder"], spec["task"]
-    config = AutoConfig.from_pretrained(folder, trust_remote_code=True)  # before torch: a bad config fails fast
-    import torch
-    import transformers
-    from transformers import AutoTokenizer, pipeline
-
-    auto = getattr(transformers, spec["auto_class"])
-    model, info = auto.from_pretrained(folder, trust_remote_code=True, output_loading_info=True)
-    model.eval()
-    problems = {k: sorted(map(str, v)) for k, v in info.items() if v}
-    if problems:
-        raise SystemExit("loading reported " + json.dumps(problems))
-    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
-    text = spec["sample"]
-    if task == "fill-mask":
-        if tokenizer.mask_token is None:
-            raise SystemExit("fill-mask needs a tokenizer with a mask token; this tokenizer has none")
-        text = text + " " + tokenizer.mask_token
-    enc = tokenizer(text, return_tensors="pt")
-    inputs = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
-    if config.is_encoder_decoder:
-        inputs["decoder_input_ids"] = torch.tensor([[config.decoder_start_token_id]])
-    with torch.no_grad():
-        out = model(**inputs)
-    main = out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
-    if not torch.isfinite(main).all():
-        raise SystemExit("the forward pass gave non-finite outputs")
-    pipe = pipeline(task, model=folder, trust_remote_code=True)
-    kwargs = {"text-generation": dict(do_sample=False, max_new_tokens=8),
-              "text2text-generation": dict(max_new_tokens=8), "fill-mask": dict(top_k=3)}.get(task, {})
-    result = pipe(text, **kwargs)
-    if spec["snippet"]:  # the model card's usage example, pointed at this folder, must run as printed
-        import contextlib, io
-        try:
-            with contextlib.redirect_stdout(io.StringIO()):
-                exec(spec["snippet"], {})
-        except Exception as error:
-            raise SystemExit("the model card's usage snippet fails: " + type(error).__name__ + ": " + str(error))
-    print(json.dumps({"model_class": type(model).__name__, "module": type(model).__module__,
-                      "output_shape": list(main.shape), "task": task, "input": text,
-                      "output": json.loads(json.dumps(result, default=str)), "snippet_ran": bool(spec["snippet"])}))
-    """
-)
 
 
 def card_snippet(folder: Path, repo_id: str) -> str:
@@ -550,40 +491,39 @@ def card_snippet(folder: Path, repo_id: str) -> str:
 def validate_in_fresh_process(
     folder: str | Path, sample_text: str | None = None, timeout: float = 300, repo_id: str | None = None
 ) -> dict:
-    """Load `folder` with `trust_remote_code=True` in a new interpreter where this package cannot be imported,
-    run a forward pass, its pipeline and (given `repo_id`) the model card's usage snippet; return what it printed,
-    or raise `PublishError` with its last error."""
+    """Load `folder` with `trust_remote_code=True` in a new isolated interpreter where this package cannot be
+    imported (`course_transformer.commands.validate`, run by its path with `python -I`), run a forward pass, its
+    pipeline and (given `repo_id`) the model card's usage snippet; return its report, or raise `PublishError` with
+    its last error."""
     folder = Path(folder).resolve()
     config = read_config(folder)
     class_name = (config.architectures or [None])[0]
     if class_name not in TASKS:
         raise PublishError(f"{folder}/config.json: architectures={config.architectures!r} names no known head")
     task, auto_class = TASKS[class_name]
-    spec = {
-        "folder": str(folder),
-        "task": task,
-        "auto_class": auto_class,
-        "sample": sample_text or DEFAULT_SAMPLE,
-        "blocked": list(BLOCKED_PACKAGES),
-        "snippet": card_snippet(folder, repo_id) if repo_id else "",
-    }
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSTARTUP")}
-    env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONNOUSERSITE="1")
-    env.setdefault("OMP_NUM_THREADS", "1")  # a tiny forward pass; do not compete for every core
+    argv = [str(folder), f"--task={task}", f"--auto-class={auto_class}", f"--sample={sample_text or DEFAULT_SAMPLE}"]
     with tempfile.TemporaryDirectory(prefix="course-transformer-validate-") as scratch:
-        # a private remote-code cache: code cached by an earlier run must not stand in for this folder's
-        env["HF_MODULES_CACHE"] = str(Path(scratch) / "modules")
-        try:
-            proc = subprocess.run(
-                [sys.executable, "-c", FRESH_SCRIPT, json.dumps(spec)],
-                cwd=scratch,
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=timeout,
-            )
-        except subprocess.TimeoutExpired:
-            raise PublishError(f"validation of {folder} timed out after {timeout:.0f} s in a fresh process") from None
+        snippet = card_snippet(folder, repo_id) if repo_id else ""
+        if snippet:
+            (Path(scratch) / "snippet.py").write_text(snippet)
+            argv.append(f"--snippet={Path(scratch) / 'snippet.py'}")
+        proc = _run_isolated(isolated_command(argv), Path(scratch), timeout, folder)
+    return _validation_report(proc, folder)
+
+
+def _run_isolated(command: list[str], scratch: Path, timeout: float, folder: Path) -> subprocess.CompletedProcess:
+    """`command` offline, in `scratch`, with a private remote-code cache: code cached by an earlier run must not
+    stand in for this folder's."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", HF_MODULES_CACHE=str(scratch / "m"))
+    env.setdefault("OMP_NUM_THREADS", "1")  # a tiny forward pass; do not compete for every core
+    try:
+        return subprocess.run(command, cwd=scratch, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise PublishError(f"validation of {folder} timed out after {timeout:.0f} s in a fresh process") from None
+
+
+def _validation_report(proc: subprocess.CompletedProcess, folder: Path) -> dict:
+    """The JSON report the validator printed last, or `PublishError` with the last line of its stderr."""
     if proc.returncode != 0:
         lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
         last = lines[-1] if lines else f"exit status {proc.returncode}"
