@@ -158,6 +158,12 @@ class CourseTransformerConfig(PretrainedConfig):
 
     def validate(self) -> None:
         """Raise `ValueError` naming the field, the value and what is allowed, for any invalid setting."""
+        self._validate_choices()
+        self._validate_numbers()
+        self._validate_shapes()
+        self._validate_token_ids()
+
+    def _validate_choices(self) -> None:
         choices = {
             "architecture": ARCHITECTURES,
             "position_encoding": POSITION_ENCODINGS,
@@ -170,6 +176,7 @@ class CourseTransformerConfig(PretrainedConfig):
             if value not in allowed:
                 _fail(field, value, f"allowed values are {', '.join(allowed)}")
 
+    def _validate_numbers(self) -> None:
         positive = ["vocab_size", "hidden_size", "num_attention_heads", "intermediate_size", "max_position_embeddings"]
         if self.has_encoder:
             positive.append("num_encoder_layers")
@@ -195,6 +202,7 @@ class CourseTransformerConfig(PretrainedConfig):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
                 _fail(field, value, "must be a positive number")
 
+    def _validate_shapes(self) -> None:
         if self.hidden_size % self.num_attention_heads != 0:
             _fail(
                 "hidden_size",
@@ -212,6 +220,7 @@ class CourseTransformerConfig(PretrainedConfig):
         if self.classifier_pooling == "pooler" and not self.add_pooling_layer:
             _fail("classifier_pooling", "pooler", "needs add_pooling_layer=True")
 
+    def _validate_token_ids(self) -> None:
         for field in (
             "pad_token_id",
             "bos_token_id",

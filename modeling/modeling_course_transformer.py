@@ -826,14 +826,7 @@ class CourseTransformerStack(CourseTransformerPreTrainedModel):
         cross_attn_head_mask = _check_head_mask("cross_attn_head_mask", cross_attn_head_mask, num_layers, heads)
 
         use_cache = bool(use_cache) and self.is_decoder
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=config)
-            if self.has_cross_attention:
-                past_key_values = EncoderDecoderCache(past_key_values, DynamicCache(config=config))
-        self_cache = past_key_values
-        if isinstance(past_key_values, EncoderDecoderCache):
-            self_cache = past_key_values.self_attention_cache
-        past_length = self_cache.get_seq_length() if self_cache is not None else 0
+        past_key_values, self_cache, past_length = self._prepare_cache(past_key_values, use_cache)
         self._check_inputs(input_ids, inputs_embeds, attention_mask, token_type_ids, position_ids, past_length)
         if self.has_cross_attention:
             batch = (input_ids if input_ids is not None else inputs_embeds).shape[0]
@@ -852,16 +845,8 @@ class CourseTransformerStack(CourseTransformerPreTrainedModel):
         if isinstance(self_cache, DynamicCache) and isinstance(past_length, int) and past_length == 0:
             mask_cache = None
         mask_args = (hidden_states, attention_mask, mask_cache, given_positions, encoder_hidden_states)
-        fast_masks = self._masks(config, *mask_args, encoder_attention_mask)
-        dense_masks = fast_masks
-        if record and config._attn_implementation == "flex_attention":
-            dense_masks = self._masks(_dense_mask_config(config), *mask_args, encoder_attention_mask)
-        position_embeddings = None
-        if config.position_encoding == "rope":
-            position_embeddings = rope_cos_sin(position_ids, self.rope_inv_freq, hidden_states.dtype)  # 2 x (B, T, D)
-        position_bias = None
-        if config.position_encoding == "alibi":
-            position_bias = self._alibi_bias(mask_cache, *hidden_states.shape[:2], hidden_states)
+        fast_masks, dense_masks = self._all_masks(mask_args, encoder_attention_mask, record)
+        position_embeddings, position_bias = self._position_terms(position_ids, mask_cache, hidden_states)
 
         for idx, layer in enumerate(self.layers):
             recorded = record and _layer_selected(idx, attention_layers, num_layers)
@@ -884,6 +869,36 @@ class CourseTransformerStack(CourseTransformerPreTrainedModel):
         return BaseModelOutputWithPastAndCrossAttentions(
             last_hidden_state=hidden_states, past_key_values=past_key_values if use_cache else None
         )
+
+    def _prepare_cache(self, past_key_values: Cache | None, use_cache: bool):
+        """The cache to write (a new dynamic one when caching starts here), its self-attention part and its length
+        (an int, or a device tensor for a static cache)."""
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+            if self.has_cross_attention:
+                past_key_values = EncoderDecoderCache(past_key_values, DynamicCache(config=self.config))
+        self_cache = past_key_values
+        if isinstance(past_key_values, EncoderDecoderCache):
+            self_cache = past_key_values.self_attention_cache
+        past_length = self_cache.get_seq_length() if self_cache is not None else 0
+        return past_key_values, self_cache, past_length
+
+    def _all_masks(self, mask_args: tuple, encoder_attention_mask, record: bool):
+        """The masks of the backend, and the dense ones that recorded layers' eager math reads (the same masks
+        except under flex, whose block masks eager cannot read)."""
+        fast_masks = self._masks(self.config, *mask_args, encoder_attention_mask)
+        if record and self.config._attn_implementation == "flex_attention":
+            return fast_masks, self._masks(_dense_mask_config(self.config), *mask_args, encoder_attention_mask)
+        return fast_masks, fast_masks
+
+    def _position_terms(self, position_ids: torch.Tensor, cache: Cache | None, hidden_states: torch.Tensor):
+        """RoPE's (cos, sin) or ALiBi's bias, whichever the config uses (absolute positions are in the embeddings)."""
+        encoding = self.config.position_encoding
+        if encoding == "rope":
+            return rope_cos_sin(position_ids, self.rope_inv_freq, hidden_states.dtype), None  # 2 x (B, T, D)
+        if encoding == "alibi":
+            return None, self._alibi_bias(cache, *hidden_states.shape[:2], hidden_states)  # (1|B, H, T, S)
+        return None, None
 
     @staticmethod
     def _length_and_device(input_ids, inputs_embeds) -> tuple[int, torch.device]:
@@ -988,24 +1003,11 @@ class CourseTransformerModel(CourseTransformerPreTrainedModel):
         if self.config.architecture == "decoder":
             return self.decoder(**inputs, past_key_values=past_key_values, use_cache=use_cache, **kwargs)
 
-        if decoder_input_ids is None and decoder_inputs_embeds is None:
-            raise ValueError(
-                "the encoder-decoder needs decoder_input_ids (or decoder_inputs_embeds); "
-                "CourseTransformerForSeq2SeqLM also derives them from labels"
-            )
-        # Shape checks of the decoder side are free: run them before the encoder does any work.
-        layers, heads = self.config.num_decoder_layers, self.config.num_attention_heads
-        _check_head_mask("decoder_head_mask", decoder_head_mask, layers, heads)
-        _check_head_mask("cross_attn_head_mask", cross_attn_head_mask, layers, heads)
-        if decoder_input_ids is not None:
-            _check_token_input("decoder_input_ids", decoder_input_ids, None, self.config.hidden_size)
-        encoder_outputs = self._encode(encoder_outputs, inputs, kwargs)
-        decoder_out = self.decoder(
+        decoder_inputs = dict(
             input_ids=decoder_input_ids,
             attention_mask=decoder_attention_mask,
             position_ids=decoder_position_ids,
             inputs_embeds=decoder_inputs_embeds,
-            encoder_hidden_states=encoder_outputs.last_hidden_state,
             encoder_attention_mask=attention_mask,
             past_key_values=past_key_values,
             use_cache=use_cache,
@@ -1013,8 +1015,23 @@ class CourseTransformerModel(CourseTransformerPreTrainedModel):
             head_mask=decoder_head_mask,
             cross_attn_head_mask=cross_attn_head_mask,
             return_dict=True,
-            **kwargs,
         )
+        return self._encode_decode(encoder_outputs, inputs, decoder_inputs, kwargs)
+
+    def _encode_decode(self, encoder_outputs, inputs: dict, decoder_inputs: dict, kwargs: dict) -> Seq2SeqModelOutput:
+        """The encoder-decoder: decoder-side checks (free) before the encoder runs, then both stacks."""
+        if decoder_inputs["input_ids"] is None and decoder_inputs["inputs_embeds"] is None:
+            raise ValueError(
+                "the encoder-decoder needs decoder_input_ids (or decoder_inputs_embeds); "
+                "CourseTransformerForSeq2SeqLM also derives them from labels"
+            )
+        layers, heads = self.config.num_decoder_layers, self.config.num_attention_heads
+        _check_head_mask("decoder_head_mask", decoder_inputs["head_mask"], layers, heads)
+        _check_head_mask("cross_attn_head_mask", decoder_inputs["cross_attn_head_mask"], layers, heads)
+        if decoder_inputs["input_ids"] is not None:
+            _check_token_input("decoder_input_ids", decoder_inputs["input_ids"], None, self.config.hidden_size)
+        encoder_outputs = self._encode(encoder_outputs, inputs, kwargs)
+        decoder_out = self.decoder(**decoder_inputs, encoder_hidden_states=encoder_outputs.last_hidden_state, **kwargs)
         return Seq2SeqModelOutput(
             last_hidden_state=decoder_out.last_hidden_state,
             past_key_values=decoder_out.past_key_values,

@@ -38,6 +38,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np
 import torch
 
+from course_transformer.core.io import atomic_write_text
+
 # Unambiguous English -> French word pairs of the KJV and Segond (Segond writes "l'Éternel" for "the LORD").
 LEXICON: tuple[tuple[str, str], ...] = (
     ("God", "Dieu"),
@@ -407,56 +409,44 @@ def _default_row(tokenizer, rows, source: str, target: str, max_tokens: int) -> 
     return fallback
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.target and not args.source:
-        print("error: --target needs --source", file=sys.stderr)
-        return 2
+class _InputError(ValueError):
+    """A bad argument or data file: one line on stderr, exit 2."""
+
+
+def _load_rows(args, summary: dict):
+    """The split's rows and its source/target columns, when the pair, the alignment or BLEU needs them."""
+    if args.source is not None and not args.align_examples and args.bleu_examples == "0":
+        return None, None, None
+    from datasets import load_from_disk
+
+    dataset, src_col, tgt_col = _dataset_of(args.model, args.dataset)
     try:
-        model, tokenizer = load_translation_model(args.model)
-    except (FileNotFoundError, OSError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    out_dir = args.output_dir or args.model.resolve().parent
-    out_dir.mkdir(parents=True, exist_ok=True)
-    summary: dict = {"model": str(args.model)}
+        rows = load_from_disk(dataset)[args.split]
+    except (FileNotFoundError, KeyError) as error:
+        raise _InputError(f"split {args.split!r} of {dataset}: {error}") from None
+    summary.update(dataset=dataset, split=args.split)
+    return rows, src_col, tgt_col
 
-    rows = None
-    if args.source is None or args.align_examples or args.bleu_examples != "0":
-        from datasets import load_from_disk
 
-        dataset, src_col, tgt_col = _dataset_of(args.model, args.dataset)
-        try:
-            rows = load_from_disk(dataset)[args.split]
-        except (FileNotFoundError, KeyError) as error:
-            print(f"error: split {args.split!r} of {dataset}: {error}", file=sys.stderr)
-            return 2
-        summary.update(dataset=dataset, split=args.split)
-
-    # The pair to plot.
+def _pick_pair(args, tokenizer, rows, src_col, tgt_col, summary: dict) -> tuple[str, str | None]:
+    """The pair to plot: given on the command line, or a row of the split (by --index or the first fitting one)."""
     if args.source is not None:
-        source, target = args.source, args.target
-        summary["pair"] = {"source": source, "target": target}
-    else:
-        index = args.index
-        if index is None:
-            index = _default_row(tokenizer, rows, src_col, tgt_col, args.max_source_tokens)
-        if not 0 <= index < len(rows):
-            print(f"error: --index {index} is outside the {len(rows)} rows of {args.split}", file=sys.stderr)
-            return 2
-        row = rows[index]
-        source, target = row[src_col], row[tgt_col]
-        summary["pair"] = {"index": index, "source": source, "target": target}
-        summary["pair"].update({k: row[k] for k in ("book", "chapter", "verse") if k in row})
-    modes = MODES if args.mode == "both" else (args.mode,)
-    if target is None:
-        modes = ("greedy",)
-    records = [
-        cross_attention(model, tokenizer, source, target if mode == "reference" else None, args.max_new_tokens)
-        for mode in modes
-    ]
+        summary["pair"] = {"source": args.source, "target": args.target}
+        return args.source, args.target
+    index = args.index
+    if index is None:
+        index = _default_row(tokenizer, rows, src_col, tgt_col, args.max_source_tokens)
+    if not 0 <= index < len(rows):
+        raise _InputError(f"--index {index} is outside the {len(rows)} rows of {args.split}")
+    row = rows[index]
+    summary["pair"] = {"index": index, "source": row[src_col], "target": row[tgt_col]}
+    summary["pair"].update({k: row[k] for k in ("book", "chapter", "verse") if k in row})
+    return row[src_col], row[tgt_col]
 
-    # Alignment measure over held-out verses, teacher-forced on their references.
+
+def _choose_head(args, model, tokenizer, rows, src_col, tgt_col, records, summary: dict):
+    """The head to plot: the best aligned over held-out verses (teacher-forced on their references) when asked,
+    else the sharpest head of the plotted pair. Returns ((layer, head), caption, alignment scores)."""
     scores = {"pairs": 0}
     if rows is not None and args.align_examples:
         n = min(args.align_examples, len(rows))
@@ -469,15 +459,10 @@ def main(argv: list[str] | None = None) -> int:
     else:
         best, caption = sharpest_head(records[0]), "sharpest (lowest entropy)"
     summary["plotted_head"] = {"layer": best[0] + 1, "head": best[1] + 1, "why": caption}
-    summary["greedy_translation"] = next((r.target for r in records if r.mode == "greedy"), None)
-    summary["plotted"] = [
-        {"mode": r.mode, "source_tokens": r.source_tokens, "target_tokens": r.target_tokens} for r in records
-    ]
+    return best, caption, scores
 
-    png = args.output or out_dir / "cross_attention.png"
-    title = f"{args.model}: cross-attention\nEN: {source}\nFR: {target or records[-1].target}"
-    panels = render(records, best, caption, png, title)
-    summary["figure"] = {"path": str(png), "panels": panels}
+
+def _print_pair(args, source: str, target: str | None, summary: dict, scores: dict, best) -> None:
     print(f"source:    {source}")
     if target is not None:
         print(f"reference: {target}")
@@ -491,24 +476,65 @@ def main(argv: list[str] | None = None) -> int:
             f"diagonal {scores['diagonal']:.3f}"
         )
 
+
+def _bleu(args, model, tokenizer, rows, src_col, tgt_col, out_dir: Path, summary: dict) -> None:
+    """Corpus BLEU of greedy translations of the first N rows (or all), with the translations beside it."""
+    import sacrebleu
+
+    n = len(rows) if args.bleu_examples == "all" else min(int(args.bleu_examples), len(rows))
+    sources, references = list(rows[src_col][:n]), list(rows[tgt_col][:n])
+    hypotheses = translate(model, tokenizer, sources, args.batch_size, args.max_new_tokens)
+    bleu = sacrebleu.BLEU()
+    score = bleu.corpus_score(hypotheses, [references])
+    summary["bleu"] = {"score": round(score.score, 2), "verses": n, "signature": str(bleu.get_signature())}
+    atomic_write_text(out_dir / f"{args.split}_bleu.json", json.dumps(summary["bleu"], indent=2) + "\n")
+    lines = [
+        json.dumps({"source": s, "reference": r, "hypothesis": h}, ensure_ascii=False) + "\n"
+        for s, r, h in zip(sources, references, hypotheses)
+    ]
+    atomic_write_text(out_dir / f"{args.split}_translations.jsonl", "".join(lines))
+    print(f"BLEU {score.score:.2f} on {n} {args.split} verses ({score}); {bleu.get_signature()}")
+
+
+def run(args) -> int:
+    model, tokenizer = load_translation_model(args.model)
+    out_dir = args.output_dir or args.model.resolve().parent
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary: dict = {"model": str(args.model)}
+    rows, src_col, tgt_col = _load_rows(args, summary)
+    source, target = _pick_pair(args, tokenizer, rows, src_col, tgt_col, summary)
+    modes = ("greedy",) if target is None else (MODES if args.mode == "both" else (args.mode,))
+    records = [
+        cross_attention(model, tokenizer, source, target if mode == "reference" else None, args.max_new_tokens)
+        for mode in modes
+    ]
+    best, caption, scores = _choose_head(args, model, tokenizer, rows, src_col, tgt_col, records, summary)
+    summary["greedy_translation"] = next((r.target for r in records if r.mode == "greedy"), None)
+    summary["plotted"] = [
+        {"mode": r.mode, "source_tokens": r.source_tokens, "target_tokens": r.target_tokens} for r in records
+    ]
+    png = args.output or out_dir / "cross_attention.png"
+    title = f"{args.model}: cross-attention\nEN: {source}\nFR: {target or records[-1].target}"
+    panels = render(records, best, caption, png, title)
+    summary["figure"] = {"path": str(png), "panels": panels}
+    _print_pair(args, source, target, summary, scores, best)
     if args.bleu_examples != "0":
-        import sacrebleu
-
-        n = len(rows) if args.bleu_examples == "all" else min(int(args.bleu_examples), len(rows))
-        sources, references = list(rows[src_col][:n]), list(rows[tgt_col][:n])
-        hypotheses = translate(model, tokenizer, sources, args.batch_size, args.max_new_tokens)
-        bleu = sacrebleu.BLEU()
-        score = bleu.corpus_score(hypotheses, [references])
-        summary["bleu"] = {"score": round(score.score, 2), "verses": n, "signature": str(bleu.get_signature())}
-        (out_dir / f"{args.split}_bleu.json").write_text(json.dumps(summary["bleu"], indent=2) + "\n")
-        with (out_dir / f"{args.split}_translations.jsonl").open("w") as f:
-            for s, r, h in zip(sources, references, hypotheses):
-                f.write(json.dumps({"source": s, "reference": r, "hypothesis": h}, ensure_ascii=False) + "\n")
-        print(f"BLEU {score.score:.2f} on {n} {args.split} verses ({score}); {bleu.get_signature()}")
-
-    (out_dir / "cross_attention.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+        _bleu(args, model, tokenizer, rows, src_col, tgt_col, out_dir, summary)
+    atomic_write_text(out_dir / "cross_attention.json", json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     print(f"wrote {png} ({panels} panels) and {out_dir / 'cross_attention.json'}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.target and not args.source:
+        print("error: --target needs --source", file=sys.stderr)
+        return 2
+    try:
+        return run(args)
+    except (_InputError, FileNotFoundError, OSError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
