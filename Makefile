@@ -30,3 +30,5 @@ format:
 # The CPU demo (a few minutes on 2 cores): data -> tokenizer -> tiny decoder -> save -> reload -> generate.
 demo: install
 	HF_HUB_OFFLINE=1 $(PYTHON) -m scripts.demo
+
+gpu-check: ; bash scripts/gpu_check.sh $(or $(OUT),outputs/gpu-check) $(ARGS)
