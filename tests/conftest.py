@@ -72,6 +72,19 @@ def model_inputs(model, ids: torch.Tensor, mask: torch.Tensor | None = None, **k
     return inputs
 
 
+def padded(lengths: list[int], side: str = "left", seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded token ids of the given lengths padded with 0 on one side, and their 0/1 attention mask."""
+    gen = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids = torch.zeros(len(lengths), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, n in enumerate(lengths):
+        span = slice(width - n, width) if side == "left" else slice(0, n)
+        ids[i, span] = torch.randint(3, VOCAB, (n,), generator=gen)
+        mask[i, span] = 1
+    return ids, mask
+
+
 def build_tokenizer():
     """A word-level fast tokenizer over WORDS, with the special tokens every objective needs."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors

@@ -4,21 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import VOCAB, tiny_model
+from conftest import VOCAB, padded, tiny_model
 from transformers import DynamicCache, EncoderDecoderCache
 
 ENCODINGS = ["sinusoidal", "learned", "rope", "alibi"]
-
-
-def _left_padded(lengths: list[int], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    width = max(lengths)
-    ids = torch.zeros(len(lengths), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, n in enumerate(lengths):
-        ids[i, width - n :] = torch.randint(3, VOCAB, (n,), generator=gen)
-        mask[i, width - n :] = 1
-    return ids, mask
 
 
 @pytest.mark.parametrize("encoding", ENCODINGS)
@@ -26,7 +15,7 @@ def _left_padded(lengths: list[int], seed: int = 0) -> tuple[torch.Tensor, torch
 @pytest.mark.parametrize("backend", ["eager", "sdpa"])
 def test_decoder_cached_equals_uncached(encoding, num_beams, backend):
     model = tiny_model("decoder", position_encoding=encoding, attn_implementation=backend)
-    ids, mask = _left_padded([6, 3, 5])
+    ids, mask = padded([6, 3, 5])
     kwargs = dict(max_new_tokens=8, do_sample=False, num_beams=num_beams, pad_token_id=0, eos_token_id=None)
     cached = model.generate(ids, attention_mask=mask, use_cache=True, **kwargs)
     uncached = model.generate(ids, attention_mask=mask, use_cache=False, **kwargs)
@@ -37,7 +26,7 @@ def test_decoder_cached_equals_uncached(encoding, num_beams, backend):
 @pytest.mark.parametrize("encoding", ["sinusoidal", "learned", "rope", "alibi"])
 def test_left_padded_batch_generates_like_single_rows(encoding):
     model = tiny_model("decoder", position_encoding=encoding, attn_implementation="sdpa")
-    ids, mask = _left_padded([6, 3, 5], seed=1)
+    ids, mask = padded([6, 3, 5], seed=1)
     kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None)
     batch = model.generate(ids, attention_mask=mask, **kwargs)
     for i in range(3):
@@ -50,7 +39,7 @@ def test_left_padded_batch_generates_like_single_rows(encoding):
 @pytest.mark.parametrize("num_beams", [1, 3])
 def test_seq2seq_cached_equals_uncached(encoding, num_beams):
     model = tiny_model("encoder-decoder", position_encoding=encoding, attn_implementation="sdpa")
-    src, mask = _left_padded([7, 4], seed=2)
+    src, mask = padded([7, 4], seed=2)
     kwargs = dict(max_new_tokens=7, do_sample=False, num_beams=num_beams, pad_token_id=0, eos_token_id=None)
     cached = model.generate(src, attention_mask=mask, use_cache=True, **kwargs)
     uncached = model.generate(src, attention_mask=mask, use_cache=False, **kwargs)

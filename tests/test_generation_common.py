@@ -15,7 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import VOCAB, tiny_model
+from conftest import VOCAB, padded, tiny_model
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache, StaticCache
 from transformers.generation import (
     GenerateBeamDecoderOnlyOutput,
@@ -56,18 +56,6 @@ EVERYTHING = dict(DICT, output_attentions=True, output_hidden_states=True)
 
 def build(arch: str, encoding: str = "learned", seed: int = 0, backend: str = "sdpa"):
     return tiny_model(arch, seed=seed, attn_implementation=backend, position_encoding=encoding, **VARIED)
-
-
-def padded(lengths: list[int], side: str, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    width = max(lengths)
-    ids = torch.zeros(len(lengths), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, n in enumerate(lengths):
-        span = slice(width - n, width) if side == "left" else slice(0, n)
-        ids[i, span] = torch.randint(3, VOCAB, (n,), generator=gen)
-        mask[i, span] = 1
-    return ids, mask
 
 
 def batch(arch: str, seed: int = 0) -> dict:

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import VOCAB, model_inputs, tiny_config, tiny_model
+from conftest import VOCAB, model_inputs, padded, tiny_config, tiny_model
 from transformers import CompileConfig, EncoderDecoderCache, StaticCache, Trainer, TrainingArguments
 from transformers.cache_utils import Cache
 
@@ -75,17 +75,6 @@ def labelled_inputs(model, seed: int = 0) -> dict:
     else:  # causal and masked LM: the tokens themselves
         inputs["labels"] = ids.masked_fill(mask == 0, -100)
     return inputs
-
-
-def left_padded(lengths: list[int], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    width = max(lengths)
-    ids = torch.zeros(len(lengths), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, n in enumerate(lengths):
-        ids[i, width - n :] = torch.randint(3, VOCAB, (n,), generator=gen)
-        mask[i, width - n :] = 1
-    return ids, mask
 
 
 def tail(stderr: str) -> str:
@@ -264,7 +253,7 @@ def test_generation_heads_declare_fullgraph_compile(cls):
 def test_static_cache_generates_like_the_dynamic_cache(arch, encoding, backend):
     """generate builds a 4D mask over the whole static cache and a left-padded batch gets position_ids."""
     model = tiny_model(arch, position_encoding=encoding, attn_implementation=backend)
-    ids, mask = left_padded([6, 3, 5])
+    ids, mask = padded([6, 3, 5])
     dynamic = model.generate(ids, attention_mask=mask, **GREEDY)
     static = model.generate(ids, attention_mask=mask, cache_implementation="static", **GREEDY)
     assert torch.equal(static, dynamic)
@@ -284,7 +273,7 @@ def test_compiled_static_decoding_generates_the_same_tokens(arch, encoding, comp
     equally tiny LlamaForCausalLM), so only one case pays it (marked slow)."""
     torch._dynamo.reset()  # a fresh budget of recompilations: earlier tests compiled the same code objects
     model = tiny_model(arch, position_encoding=encoding, attn_implementation="sdpa")
-    ids, mask = left_padded([6, 3, 5])
+    ids, mask = padded([6, 3, 5])
     dynamic = model.generate(ids, attention_mask=mask, **GREEDY)
     config = CompileConfig(fullgraph=True, backend=compile_backend, mode="default")
     config._compile_all_devices = True
@@ -324,7 +313,7 @@ def decoding_step(model, ids: torch.Tensor, mask: torch.Tensor) -> dict:
 def test_a_decoding_step_has_no_graph_break(arch, encoding, backend):
     torch._dynamo.reset()
     model = tiny_model(arch, position_encoding=encoding, attn_implementation=backend)
-    ids, mask = left_padded([5, 3])
+    ids, mask = padded([5, 3])
     step = decoding_step(model, ids, mask)
     with torch.no_grad():
         explained = torch._dynamo.explain(model)(**step)
