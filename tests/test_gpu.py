@@ -38,6 +38,8 @@ def _inputs(model, padding: bool) -> dict:
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("arch", ["decoder", "encoder", "encoder-decoder"])
 def test_backend_agrees_with_eager(arch, backend, dtype):
+    if backend == "flash_attention_2" and dtype == torch.float32:
+        pytest.skip("flash attention kernels take fp16/bf16 only")
     eager, fast = _pair(arch, backend, dtype)
     inputs = _inputs(eager, padding=True)
     with torch.no_grad():
@@ -57,7 +59,7 @@ def test_alibi_under_fast_backends(backend):
     assert difference.abs().max() <= 1e-4
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", ["sdpa", "flex_attention"])  # fp32: flash has no fp32 kernel
 def test_weights_from_fast_backends_are_the_eager_weights(backend):
     eager, fast = _pair("decoder", backend, torch.float32)
     inputs = _inputs(eager, padding=False)
