@@ -48,6 +48,9 @@ COMMANDS: dict[str, Command] = {
     "convert": Command(
         "convert between BERT / GPT-2 and the course Transformer", ("course_transformer.core.conversion",)
     ),
+    "analyze": Command(
+        "attention research: statistics, head importance and pruning, flow", ("course_transformer.commands.analyze",)
+    ),
     "publish": Command("validate and upload a trained model to the Hub", ("course_transformer.commands.publish",)),
 }
 
