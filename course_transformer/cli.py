@@ -51,6 +51,7 @@ COMMANDS: dict[str, Command] = {
     "analyze": Command(
         "attention research: statistics, head importance and pruning, flow", ("course_transformer.commands.analyze",)
     ),
+    "explore": Command("the attention explorer in the browser (gradio)", ("course_transformer.commands.explore",)),
     "publish": Command("validate and upload a trained model to the Hub", ("course_transformer.commands.publish",)),
 }
 
