@@ -29,6 +29,7 @@ class Session:
     target_ids: object = None  # seq2seq: the decoder input (start + reference tokens), or None
     target_tokens: list[str] = field(default_factory=list)
     induction: dict | None = None
+    base: compute.Prediction | None = None  # the unablated predictions of the current input
     seconds: dict = field(default_factory=dict)
 
 
@@ -108,8 +109,10 @@ def build_app(model: str | None = None, max_tokens: int = 64) -> gr.Blocks:
         def predictions(ablated):
             loaded = session.loaded
             mask = compute.head_mask(ablated or [], *_shape(loaded))
-            pred = compute.predict(loaded, session.encoded.batch, mask, session.target_ids)
-            base = compute.predict(loaded, session.encoded.batch, None, session.target_ids)
+            if session.base is None:  # the unablated predictions: once per input, then only the ablated ones
+                session.base = compute.predict(loaded, session.encoded.batch, None, session.target_ids)
+            base = session.base
+            pred = base if mask is None else compute.predict(loaded, session.encoded.batch, mask, session.target_ids)
             text_loss = "" if pred.loss is None else f"loss {pred.loss:.4f} (unablated {base.loss:.4f})"
             label = f"{len(ablated or [])} heads ablated; {pred.what}; {text_loss}"
             return {preds: pred.rows, loss: label}
@@ -149,6 +152,7 @@ def build_app(model: str | None = None, max_tokens: int = 64) -> gr.Blocks:
             rows = compute.head_table(
                 session.maps.self_attention, session.encoded.tokens, loaded.tokenizer, session.induction
             )
+            session.base = None
             result = {**views(layer_v, head_v, view_v), **predictions(ablated)}
             session.seconds["first_view"] = time.perf_counter() - started
             note = session.encoded.note or "Done"
