@@ -15,7 +15,7 @@ import gradio as gr
 import numpy as np
 
 from course_transformer.explorer import compute, figures
-from course_transformer.explorer.loading import ExplorerError, Loaded, encode, load_model
+from course_transformer.explorer.loading import ExplorerError, Loaded, encode, labels, load_model
 
 logger = logging.getLogger(__name__)
 VIEWS = ("self", "cross", "decoder self")
@@ -43,7 +43,7 @@ def _shape(loaded: Loaded) -> tuple[int, int]:
 def _pick(session: Session, view: str, layer: int, head: int):
     """(matrix (T, S), query tokens, key tokens) of the chosen view, layer and head (from 1)."""
     maps = session.maps
-    source = session.encoded.tokens
+    source = session.encoded.labels
     if view == "cross" and maps.cross is not None:
         return maps.cross[layer - 1, head - 1], session.target_tokens, source, maps.cross[layer - 1]
     if view == "decoder self" and maps.decoder_self is not None:
@@ -150,7 +150,7 @@ def build_app(model: str | None = None, max_tokens: int = 64) -> gr.Blocks:
             session.target_ids, session.target_tokens = None, []
             if seq2seq:
                 session.target_ids = _target_ids(loaded, pair_v, session.encoded.batch, max_tokens)
-                session.target_tokens = loaded.tokenizer.convert_ids_to_tokens(session.target_ids[0])
+                session.target_tokens = labels(loaded.tokenizer, session.target_ids[0].tolist())
             out = compute.forward(loaded, session.encoded.batch, None, session.target_ids)
             session.maps = compute.attention_maps(out)
             if loaded.kind == "causal" and session.induction is None:
@@ -164,7 +164,7 @@ def build_app(model: str | None = None, max_tokens: int = 64) -> gr.Blocks:
             note = session.encoded.note or "Done"
             result.update(
                 {
-                    tokens: [(t, None) for t in session.encoded.tokens],
+                    tokens: [(t, None) for t in session.encoded.labels],
                     table: rows,
                     status: f"{note} ({len(session.encoded.tokens)} tokens, {session.seconds['first_view']:.2f} s)",
                 }

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from course_transformer.explorer.loading import Loaded
+from course_transformer.explorer.loading import Loaded, labels
 from evaluation import analysis
 
 
@@ -170,7 +170,7 @@ def generate_steps(loaded: Loaded, batch: dict, steps: int = 8) -> Steps:
             out = forward(loaded, {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
             row = _stack(out.attentions)[:, :, -1]  # (L, H, T + step)
         next_id = out.logits[0, -1].argmax().view(1, 1)  # (1, 1)
-        tokens.append(loaded.tokenizer.convert_ids_to_tokens(int(next_id)))
+        tokens.append(labels(loaded.tokenizer, [int(next_id)])[0])
         rows.append(row)
         if loaded.kind == "seq2seq":
             decoder = torch.cat([decoder, next_id], dim=1)
@@ -178,7 +178,7 @@ def generate_steps(loaded: Loaded, batch: dict, steps: int = 8) -> Steps:
             ids = torch.cat([ids, next_id], dim=1)
         if int(next_id) == loaded.model.config.eos_token_id:
             break
-    keys = loaded.tokenizer.convert_ids_to_tokens(ids[0] if loaded.kind != "seq2seq" else batch["input_ids"][0])
+    keys = labels(loaded.tokenizer, (ids[0] if loaded.kind != "seq2seq" else batch["input_ids"][0]).tolist())
     width = max(r.shape[-1] for r in rows)
     padded = np.stack([np.pad(r, ((0, 0), (0, 0), (0, width - r.shape[-1]))) for r in rows], axis=2)  # (L,H,N,S)
     return Steps(tokens, keys[:width], padded)

@@ -97,7 +97,8 @@ def load_model(name: str) -> Loaded:
 @dataclass
 class Encoded:
     batch: dict  # input_ids, attention_mask (1, T) [, token_type_ids]
-    tokens: list[str]
+    tokens: list[str]  # the tokenizer's own pieces ("Ġthe", "##s"): what the measures match on
+    labels: list[str]  # readable labels for the page: byte-level pieces decoded ("the", "Après")
     note: str  # "" or the truncation note shown in the page
 
 
@@ -112,4 +113,9 @@ def encode(tokenizer, text: str, pair: str | None = None, max_tokens: int = MAX_
     if len(full) > max_tokens:
         note = f"Input truncated: {len(full)} tokens, the first {max_tokens} are shown."
     tokens = tokenizer.convert_ids_to_tokens(batch["input_ids"][0])
-    return Encoded(dict(batch), tokens, note)
+    return Encoded(dict(batch), tokens, labels(tokenizer, batch["input_ids"][0].tolist()), note)
+
+
+def labels(tokenizer, ids: list[int]) -> list[str]:
+    """One readable label per token: decoded one by one (byte-level BPE pieces are bytes, not text)."""
+    return [tokenizer.decode([i]).strip() or "␣" for i in ids]
