@@ -66,7 +66,13 @@ def build_app(model: str | None = None, max_tokens: int = 64) -> gr.Blocks:
         with gr.Row():
             run_btn = gr.Button("Run", variant="primary", elem_id="run")
             pair_btn = gr.Button("Held-out verse pair (en-fr test split)", elem_id="heldout")
-        tokens = gr.HighlightedText(label="tokens, as the tokenizer splits them", elem_id="tokens")
+        tokens = gr.HighlightedText(
+            label="tokens, as the tokenizer splits them",
+            elem_id="tokens",
+            combine_adjacent=False,
+            show_inline_category=False,
+            show_legend=False,
+        )
         with gr.Row():
             layer = gr.Slider(1, 12, value=1, step=1, label="layer", elem_id="layer")
             head = gr.Slider(1, 12, value=1, step=1, label="head", elem_id="head")
@@ -164,7 +170,7 @@ def build_app(model: str | None = None, max_tokens: int = 64) -> gr.Blocks:
             note = session.encoded.note or "Done"
             result.update(
                 {
-                    tokens: [(t, None) for t in session.encoded.labels],
+                    tokens: [(t, "token") for t in session.encoded.labels],  # one box per token
                     table: rows,
                     status: f"{note} ({len(session.encoded.tokens)} tokens, {session.seconds['first_view']:.2f} s)",
                 }
