@@ -48,6 +48,8 @@ def test_help_lists_every_command_and_its_module(capsys):
         "visualize",
         "benchmark",
         "convert",
+        "analyze",
+        "explore",
         "publish",
     }
 
