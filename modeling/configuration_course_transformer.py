@@ -59,6 +59,9 @@ class CourseTransformerConfig(PretrainedConfig):
         classifier_dropout: dropout before classification heads (defaults to `hidden_dropout_prob`).
         initializer_range: std of the normal initialisation of weights.
         use_cache: return key/value caches for fast generation.
+        pruned_heads: heads removed from the projections by `prune_heads`, keyed by attention module
+            (`"encoder.0.self"`, `"decoder.2.self"`, `"decoder.2.cross"`), each a sorted list of original head
+            indices; `from_pretrained` builds the smaller projections from it. Empty for an unpruned model.
         pad_token_id / bos_token_id / eos_token_id / decoder_start_token_id / sep_token_id / mask_token_id:
             special token ids.
 
@@ -98,6 +101,7 @@ class CourseTransformerConfig(PretrainedConfig):
     classifier_dropout: float | None = None
     initializer_range: float = 0.02
     use_cache: bool = True
+    pruned_heads: dict[str, list[int]] | None = None
     is_decoder: bool = False
     pad_token_id: int | None = 0
     bos_token_id: int | None = 1
@@ -123,6 +127,8 @@ class CourseTransformerConfig(PretrainedConfig):
                     "type": "text",
                 }
             }
+        # JSON gives the lists back as they were written; a dict from Python may hold tuples or sets.
+        self.pruned_heads = {str(k): sorted(int(h) for h in v) for k, v in (self.pruned_heads or {}).items() if v}
         self.validate()
 
     # `PretrainedConfig` refuses `output_attentions=True` unless the backend is eager, because its own models
@@ -162,6 +168,7 @@ class CourseTransformerConfig(PretrainedConfig):
         self._validate_numbers()
         self._validate_shapes()
         self._validate_token_ids()
+        self._validate_pruned_heads()
 
     def _validate_choices(self) -> None:
         choices = {
@@ -234,6 +241,18 @@ class CourseTransformerConfig(PretrainedConfig):
                 isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < self.vocab_size
             ):
                 _fail(field, value, f"must be None or a token id in [0, {self.vocab_size})")
+
+    def _validate_pruned_heads(self) -> None:
+        stacks = {"encoder": self.num_encoder_layers if self.has_encoder else 0}
+        stacks["decoder"] = self.num_decoder_layers if self.has_decoder else 0
+        for key, heads in self.pruned_heads.items():
+            stack, _, rest = key.partition(".")
+            layer, _, kind = rest.partition(".")
+            kinds = ("self", "cross") if stack == "decoder" and self.is_encoder_decoder else ("self",)
+            if not (layer.isdigit() and int(layer) < stacks.get(stack, 0) and kind in kinds):
+                _fail("pruned_heads", key, "keys are '<encoder|decoder>.<layer>.<self|cross>' of existing modules")
+            if any(not 0 <= h < self.num_attention_heads for h in heads):
+                _fail("pruned_heads", {key: heads}, f"head indices must lie in [0, {self.num_attention_heads})")
 
 
 __all__ = ["CourseTransformerConfig"]

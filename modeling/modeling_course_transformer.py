@@ -343,6 +343,26 @@ def eager_attention_forward(
     return output.transpose(1, 2).contiguous(), weights  # (B, T, H, D), (B, H, T, S)
 
 
+def _sliced_linear(linear: nn.Linear, index: torch.Tensor, dim: int) -> nn.Linear:
+    """A copy of `linear` keeping the output features (dim 0) or input features (dim 1) at `index`."""
+    weight = linear.weight.index_select(dim, index).clone()  # (out', in) or (out, in')
+    bias = linear.bias
+    if bias is not None and dim == 0:
+        bias = bias.index_select(0, index)
+    # Built on the meta device (no initialisation of weights about to be replaced), then given the kept slices.
+    new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    new.weight = nn.Parameter(weight, requires_grad=linear.weight.requires_grad)
+    if bias is not None:
+        new.bias = nn.Parameter(bias.clone(), requires_grad=linear.bias.requires_grad)
+    return new
+
+
+def _no_heads_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, *args, **kwargs):
+    """The attention of a module whose heads are all pruned: no output, no weights (B, T, 0, D), (B, 0, T, S)."""
+    batch, _, length, dim = query.shape  # (B, 0, T, D)
+    return query.new_zeros(batch, length, 0, dim), query.new_zeros(batch, 0, length, key.shape[2])
+
+
 class CourseTransformerAttention(nn.Module):
     """Multi-head attention: self (encoder), masked self (decoder, `is_causal`) or cross (`is_cross_attention`).
 
@@ -357,15 +377,50 @@ class CourseTransformerAttention(nn.Module):
         # Read by transformers' sdpa wrapper when no mask is given; encoders and cross-attention must say False.
         self.is_causal = is_causal
         self.is_cross_attention = is_cross_attention
-        self.num_heads = config.num_attention_heads
+        # Heads removed by `prune_heads` (config.pruned_heads) are not built: the projections hold the kept heads
+        # only, in their original order. `head_mask` and the returned weights keep the original head indices (a
+        # pruned head reads as an ablated one, zero weights), so a mask or a plot means the same after pruning.
+        self.pruned_heads: set[int] = set((config.pruned_heads or {}).get(self.module_key, ()))
+        self.kept_heads = [h for h in range(config.num_attention_heads) if h not in self.pruned_heads]
+        self.num_heads = len(self.kept_heads)
         self.head_dim = config.head_dim
         self.scaling = self.head_dim**-0.5
         self.attention_dropout = config.attention_dropout_prob
-        width, bias = config.hidden_size, config.use_bias
-        self.q_proj = nn.Linear(width, width, bias=bias)
-        self.k_proj = nn.Linear(width, width, bias=bias)
-        self.v_proj = nn.Linear(width, width, bias=bias)
-        self.o_proj = nn.Linear(width, width, bias=bias)
+        width, inner, bias = config.hidden_size, self.num_heads * config.head_dim, config.use_bias
+        self.q_proj = nn.Linear(width, inner, bias=bias)
+        self.k_proj = nn.Linear(width, inner, bias=bias)
+        self.v_proj = nn.Linear(width, inner, bias=bias)
+        self.o_proj = nn.Linear(inner, width, bias=bias)
+
+    @property
+    def module_key(self) -> str:
+        """This module's key in `config.pruned_heads`: "encoder.0.self", "decoder.2.self", "decoder.2.cross"."""
+        stack = "decoder" if self.is_causal or self.is_cross_attention else "encoder"
+        return f"{stack}.{self.layer_idx}.{'cross' if self.is_cross_attention else 'self'}"
+
+    @torch.no_grad()
+    def prune(self, heads: Sequence[int]) -> None:
+        """Remove `heads` (original indices) from W_Q, W_K, W_V (their output rows) and W_O (its input columns).
+
+        The kept heads' weights are copied unchanged, so the output equals that of masking the removed heads."""
+        remove = set(heads) - self.pruned_heads
+        if not remove:
+            return
+        keep = [i for i, h in enumerate(self.kept_heads) if h not in remove]  # positions among the current heads
+        rows = torch.tensor(keep, dtype=torch.long)[:, None] * self.head_dim + torch.arange(self.head_dim)  # (K, D)
+        rows = rows.flatten().to(self.q_proj.weight.device)  # (H_kept * D,)
+        for name in ("q_proj", "k_proj", "v_proj"):
+            setattr(self, name, _sliced_linear(getattr(self, name), rows, dim=0))
+        self.o_proj = _sliced_linear(self.o_proj, rows, dim=1)
+        self.pruned_heads |= remove
+        self.kept_heads = [h for h in self.kept_heads if h not in remove]
+        self.num_heads = len(self.kept_heads)
+
+    def _with_pruned_heads(self, weights: torch.Tensor) -> torch.Tensor:
+        """(B, H_kept, T, S) -> (B, H, T, S) with zeros at pruned heads, as head-mask ablation returns them."""
+        full = weights.new_zeros(weights.shape[0], self.config.num_attention_heads, *weights.shape[2:])
+        full[:, self.kept_heads] = weights
+        return full
 
     def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
         return x.view(x.shape[0], x.shape[1], self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, *, D)
@@ -429,8 +484,10 @@ class CourseTransformerAttention(nn.Module):
             attention_fn: Callable = eager_attention_forward
         else:
             attention_fn = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
+        if self.num_heads == 0:  # every head pruned: the sub-layer adds W_O's bias only
+            attention_fn = _no_heads_attention
         if position_bias is not None:
-            kwargs["position_bias"] = position_bias
+            kwargs["position_bias"] = position_bias[:, self.kept_heads] if self.pruned_heads else position_bias
         output, weights = attention_fn(
             self,
             query,
@@ -446,10 +503,15 @@ class CourseTransformerAttention(nn.Module):
             # Zeroing a head's output equals zeroing its attention weights (output = weights @ V), so ablation
             # works with every kernel, fused ones included.
             head_mask = head_mask.to(output.dtype)
+            if self.pruned_heads:
+                head_mask = head_mask[self.kept_heads]  # (H,) original heads -> (H_kept,)
             output = output * head_mask.view(1, 1, self.num_heads, 1)  # (B, T, H, D)
             if output_attentions:
                 weights = weights * head_mask.view(1, self.num_heads, 1, 1)
-        output = self.o_proj(output.reshape(batch, length, width))  # (B, T, C): concat heads, project by W_O
+        if output_attentions and self.pruned_heads:
+            weights = self._with_pruned_heads(weights)  # (B, H, T, S) in the original head indices
+        output = output.reshape(batch, length, self.num_heads * self.head_dim)  # (B, T, H_kept * D): concat heads
+        output = self.o_proj(output)  # (B, T, C): project by W_O
         return output, (weights if output_attentions else None)
 
 
@@ -646,6 +708,36 @@ class CourseTransformerPreTrainedModel(PreTrainedModel):
             auto_map = {auto: f"{module}.{cls}" for auto, cls in fitting.items()}
             self.config.auto_map = {**auto_map, **(getattr(self.config, "auto_map", None) or {})}
         return super().save_pretrained(save_directory, *args, **kwargs)
+
+    def prune_heads(self, heads_to_prune: dict[str | int, Sequence[int]]) -> None:
+        """Remove attention heads from the projections (transformers 5 dropped `PreTrainedModel.prune_heads`).
+
+        Keys name attention modules as `config.pruned_heads` does ("encoder.0.self", "decoder.1.self",
+        "decoder.1.cross"); an int key is the self-attention of that layer of a one-stack model (transformers 4's
+        form). Head indices are the original ones; heads already pruned are ignored. The model's outputs equal those
+        of `head_mask` ablation of the same heads; `config.pruned_heads` records them, so `save_pretrained` and
+        `from_pretrained` rebuild the smaller projections.
+
+        >>> model.prune_heads({"encoder.0.self": [0, 2], "decoder.1.cross": [3]})  # doctest: +SKIP
+        """
+        modules = {m.module_key: m for m in self.modules() if isinstance(m, CourseTransformerAttention)}
+        resolved: dict[str, list[int]] = {}
+        for key, heads in heads_to_prune.items():
+            if isinstance(key, int) and not self.config.is_encoder_decoder:
+                key = f"{'encoder' if self.config.has_encoder else 'decoder'}.{key}.self"
+            if key not in modules:
+                raise ValueError(f"prune_heads: no attention module {key!r}; allowed keys are {', '.join(modules)}")
+            heads = [int(h) for h in heads]
+            if any(not 0 <= h < self.config.num_attention_heads for h in heads):
+                raise ValueError(
+                    f"prune_heads: heads {heads} of {key!r} must lie in [0, {self.config.num_attention_heads})"
+                )
+            resolved[key] = heads
+        pruned = dict(self.config.pruned_heads or {})
+        for key, heads in resolved.items():
+            modules[key].prune(heads)
+            pruned[key] = sorted(modules[key].pruned_heads)
+        self.config.pruned_heads = {key: pruned[key] for key in sorted(pruned) if pruned[key]}
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
