@@ -614,6 +614,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sample-text", default=DEFAULT_SAMPLE, help="input for the validation pipeline run")
     parser.add_argument("--timeout", type=float, default=300, help="seconds allowed for the fresh-process check")
     parser.add_argument("--commit-message", default="Upload course Transformer", help="Hub commit message")
+    parser.add_argument(
+        "--space",
+        type=Path,
+        default=None,
+        help="also build a gradio Space folder with the attention explorer here, validated by starting it",
+    )
     return parser
 
 
@@ -641,6 +647,12 @@ def main(argv: list[str] | None = None, api: Any = None) -> int:
         snippet = "; the card's usage snippet ran" if v.get("snippet_ran") else ""
         print(f"  {v['model_class']} loaded from the folder's code ({origin}.*){snippet}")
         print(f"  pipeline({v['task']!r})({v['input']!r}) -> {json.dumps(v['output'])}"[:300])
+        if args.space is not None:
+            from course_transformer.commands.space import build_space_folder, validate_space
+
+            build_space_folder(args.space, args.repo_id, overwrite=args.overwrite)
+            port = validate_space(args.space, result.folder, timeout=args.timeout)
+            print(f"built Space folder {args.space} (sdk: gradio); its app answered on port {port} in a fresh process")
         if args.dry_run:
             for name, size in result.files.items():
                 print(f"  {size:>12,d}  {name}")

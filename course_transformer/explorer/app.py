@@ -134,6 +134,8 @@ def build_app(model: str | None = None, max_tokens: int = 64) -> gr.Blocks:
                 session.load_error = str(error)  # kept: the Run that follows at start-up shows it too
                 raise
             session.maps, session.induction = None, None
+            compute.warm_up(session.loaded)
+            figures.warm_up()
             num_layers, num_heads = _shape(session.loaded)
             session.seconds["load"] = time.perf_counter() - started
             names = [f"{i + 1}-{j + 1}" for i in range(num_layers) for j in range(num_heads)]

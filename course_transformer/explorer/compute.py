@@ -55,6 +55,15 @@ def attention_maps(out) -> Maps:
     return Maps(_stack(out.attentions), None, None)
 
 
+def warm_up(loaded: Loaded) -> None:
+    """Pay the one-time costs while loading, not in the first view: the metric modules' imports (evaluate,
+    datasets) and the first eager forward's allocations."""
+    for name in ("attention_entropy", "attention_distance", "attention_targets"):
+        analysis.metric_module(name)
+    ids = torch.tensor([[loaded.tokenizer.pad_token_id or 0] * 4])  # (1, 4)
+    forward(loaded, {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+
+
 def head_mask(ablated: list[str], num_layers: int, num_heads: int) -> torch.Tensor | None:
     """["2-3", ...] (layer-head, from 1) -> a (L, H) mask with those heads at 0; None when nothing is ablated."""
     if not ablated:

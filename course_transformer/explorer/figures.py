@@ -60,6 +60,11 @@ def head_view(matrix: np.ndarray, queries: list[str], keys: list[str], title: st
     return fig
 
 
+def warm_up() -> None:
+    """Matplotlib's first figure loads fonts and the backend: do it while the model loads."""
+    close(heatmap(np.eye(2), ["a", "b"], ["a", "b"], "warm-up"))
+
+
 def close(*figures: Figure) -> None:
     for fig in figures:
         plt.close(fig)

@@ -77,6 +77,7 @@ def load_model(name: str) -> Loaded:
 
     name = str(name).strip()
     try:
+        name = _hub_snapshot(name)
         if name in modeling.list_presets():
             return load_preset_model(name)
         if name not in MODEL_NAMES and not (Path(name) / "config.json").is_file():
@@ -92,6 +93,15 @@ def load_model(name: str) -> Loaded:
     if hasattr(model, "set_attn_implementation"):
         model.set_attn_implementation("eager")
     return Loaded(model.eval(), tokenizer, label, model_kind(model))
+
+
+def _hub_snapshot(name: str) -> str:
+    """A Hub id ("user/model", as a Space passes it) -> its downloaded folder; anything else unchanged."""
+    if Path(name).exists() or name.count("/") != 1 or name.startswith((".", "/")):
+        return name
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(name)
 
 
 @dataclass
