@@ -9,7 +9,6 @@ from __future__ import annotations
 import io
 import os
 import shutil
-import socket
 import time
 
 import numpy as np
@@ -18,6 +17,7 @@ import torch
 
 from course_transformer.explorer import compute, figures
 from course_transformer.explorer.loading import ExplorerError, encode, load_model
+from scripts.explorer_screenshots import free_port, set_number  # the screenshot script drives the same page
 
 TEXT = "The pizza came out of the oven and it tasted good."
 
@@ -148,22 +148,11 @@ def browser():
         if os.environ.get("EXPLORER_NO_BROWSER") == "1":
             pytest.skip("EXPLORER_NO_BROWSER=1: browser tests opted out")
         pytest.fail("chromium / chromedriver not found: apt-get install -y chromium chromium-driver (make install)")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
+    from scripts.explorer_screenshots import driver as chromium_driver
 
-    options = webdriver.ChromeOptions()
-    options.binary_location = binary
-    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,2600"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    driver = chromium_driver(window="1400,2600")
     yield driver
     driver.quit()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for(driver, css: str, predicate, timeout: float = 30.0) -> str:
@@ -181,15 +170,6 @@ def wait_for(driver, css: str, predicate, timeout: float = 30.0) -> str:
             pass
         time.sleep(0.2)
     raise AssertionError(f"{css}: timed out, last text {text!r}")
-
-
-def set_number(driver, elem_id: str, value: int) -> None:
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.common.keys import Keys
-
-    box = driver.find_element(By.CSS_SELECTOR, f"#{elem_id} input[type=number]")
-    box.send_keys(Keys.CONTROL, "a")
-    box.send_keys(str(value), Keys.ENTER)
 
 
 def test_the_app_in_a_real_browser(browser, tmp_path):
