@@ -46,11 +46,13 @@ from transformers.modeling_outputs import (
 )
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.processing_utils import Unpack
-from transformers.utils import TransformersKwargs, can_return_tuple
+from transformers.utils import TransformersKwargs, can_return_tuple, logging
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_course_transformer import CourseTransformerConfig
+
+logger = logging.get_logger(__name__)
 
 # --------------------------------------------------------------------------------------------------------------
 # Positional encodings
@@ -343,6 +345,120 @@ def eager_attention_forward(
     return output.transpose(1, 2).contiguous(), weights  # (B, T, H, D), (B, H, T, S)
 
 
+# The fused kernels that also return the log-sum-exp of each query's scores, lse = log Σ_j exp(s_ij): with it the
+# softmax weights are P = exp(s - lse), one pass over the scores with no reduction, while the kernel computes the
+# output. CPU: torch's flash kernel for CPU (float masks only, no dropout). CUDA: the memory-efficient kernel, which
+# takes an additive bias and returns the lse when asked. Anything else falls back to eager (`_lse_unavailable`).
+_CPU_LSE_KERNEL = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_CUDA_LSE_KERNEL = getattr(torch.ops.aten, "_scaled_dot_product_efficient_attention", None)
+_LSE_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+_warned_lse_reasons: set[str] = set()
+
+
+def _lse_unavailable(query: torch.Tensor, dropout: float) -> str | None:
+    """Why the log-sum-exp path cannot give this layer's weights exactly (None when it can)."""
+    if dropout > 0.0:
+        return "attention dropout is active (training): the kernel's dropped weights are not recoverable from its lse"
+    if torch.is_grad_enabled() and query.requires_grad:
+        return "gradients are enabled: the kernels' lse output has no derivative, eager's softmax graph has"
+    if query.dtype not in _LSE_DTYPES:
+        return f"dtype {query.dtype} has no lse kernel"
+    if query.device.type == "cpu" and _CPU_LSE_KERNEL is None:
+        return "this torch has no _scaled_dot_product_flash_attention_for_cpu"
+    if query.device.type == "cuda" and _CUDA_LSE_KERNEL is None:
+        return "this torch has no _scaled_dot_product_efficient_attention"
+    if query.device.type == "cuda" and query.dtype == torch.float64:
+        return "the CUDA memory-efficient kernel has no float64 path"
+    if query.device.type not in ("cpu", "cuda"):
+        return f"no lse kernel is wired for device {query.device.type!r}"
+    return None
+
+
+def _additive_mask(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    position_bias: torch.Tensor | None,
+) -> tuple[torch.Tensor | None, bool]:
+    """The bias + mask term of the scores as one float tensor in the query's dtype (the kernels take no boolean
+    mask), or None with `is_causal` when the kernel's own causal flag expresses it. Same semantics as eager."""
+    length, key_length, dtype = query.shape[2], key.shape[2], query.dtype
+    causal_only = attention_mask is None and module.is_causal and length > 1
+    if position_bias is None and attention_mask is None:
+        return None, causal_only  # no mask, or top-left causal exactly as eager's triu(1)
+    low = torch.finfo(dtype).min
+    if attention_mask is None:
+        mask = torch.zeros(1, 1, length, key_length, dtype=dtype, device=query.device)  # (1, 1, T, S)
+        if causal_only:
+            mask.masked_fill_(torch.ones_like(mask, dtype=torch.bool).triu(1), low)
+    elif attention_mask.dtype == torch.bool:
+        mask = torch.zeros(attention_mask.shape, dtype=dtype, device=query.device)  # (B|1, 1, T, S)
+        mask.masked_fill_(~attention_mask, low)
+    else:
+        mask = attention_mask.to(dtype)
+    if position_bias is not None:
+        mask = mask + position_bias.to(dtype)  # (1|B, H, T, S): ALiBi
+    return mask, False
+
+
+def _run_lse_kernel(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor | None,
+    is_causal: bool,
+    scaling: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fused kernel's output (B, H, T, D) and log-sum-exp (B, H, T), in fp32 for half precision."""
+    if query.device.type == "cuda":
+        bias = None if mask is None else mask.expand(query.shape[0], query.shape[1], -1, -1)  # (B, H, T, S)
+        output, lse = _CUDA_LSE_KERNEL(query, key, value, bias, True, 0.0, is_causal, scale=scaling)[:2]
+        return output, lse[..., : query.shape[2]]  # the efficient kernel pads the lse's query dimension
+    return _CPU_LSE_KERNEL(query, key, value, 0.0, is_causal, attn_mask=mask, scale=scaling)
+
+
+def lse_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    position_bias: torch.Tensor | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fused kernel's output plus the exact weights P = exp(scale·QKᵀ + bias + mask − lse) from its lse.
+
+    Same arguments and return as `eager_attention_forward` (output (B, T, H, D), weights (B, H, T, S)); where no lse
+    path applies (`_lse_unavailable`: dropout, gradients, dtype, device) it runs eager and logs the reason once."""
+    reason = _lse_unavailable(query, dropout)
+    if reason is None and key.shape[1] != query.shape[1]:
+        reason = "keys have fewer heads than queries"
+    if reason is not None:
+        if reason not in _warned_lse_reasons:
+            _warned_lse_reasons.add(reason)
+            logger.warning(f"output_attentions: exact weights from eager attention, not the fused kernel: {reason}")
+        return eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout, position_bias)
+    mask, is_causal = _additive_mask(module, query, key, attention_mask, position_bias)
+    output, lse = _run_lse_kernel(query, key, value, mask, is_causal, scaling)  # (B, H, T, D), (B, H, T)
+    # The scores again, now to be exponentiated against the kernel's normaliser: no max, no sum, no softmax graph.
+    scores = torch.matmul(query, key.transpose(-1, -2)).mul_(scaling).float()  # (B, H, T, S)
+    if mask is not None:
+        scores = scores.add_(mask) if mask.shape == scores.shape else scores + mask  # in place unless it broadcasts
+    elif is_causal:
+        future = torch.ones(scores.shape[-2:], dtype=torch.bool, device=query.device).triu(1)  # (T, S)
+        scores.masked_fill_(future, torch.finfo(query.dtype).min)
+    weights = scores.sub_(lse.float().unsqueeze(-1)).exp_()  # (B, H, T, S)
+    # A row whose keys are all masked: eager's softmax over equal scores is uniform, while the kernel's lse equals
+    # finfo.min and exp(0) = 1 per key. Give those rows eager's answer.
+    dead = lse.float() <= torch.finfo(query.dtype).min / 2  # (B, H, T)
+    if bool(dead.any()):
+        weights = torch.where(dead.unsqueeze(-1), 1.0 / key.shape[2], weights)
+    return output.transpose(1, 2).contiguous(), weights.to(query.dtype)  # (B, T, H, D), (B, H, T, S)
+
+
 def _sliced_linear(linear: nn.Linear, index: torch.Tensor, dim: int) -> nn.Linear:
     """A copy of `linear` keeping the output features (dim 0) or input features (dim 1) at `index`."""
     weight = linear.weight.index_select(dim, index).clone()  # (out', in) or (out, in')
@@ -479,9 +595,12 @@ class CourseTransformerAttention(nn.Module):
                 key, value = cache.update(key, value, self.layer_idx)  # (B, H, S, D): S = P + T, or the static size
 
         implementation = self.config._attn_implementation or "eager"
-        if output_attentions or implementation == "eager":
-            # Weights were asked for: run the reference math, which returns them exactly.
+        if implementation == "eager":
             attention_fn: Callable = eager_attention_forward
+        elif output_attentions:
+            # Weights were asked for under a fast backend: the fused kernel gives the output and its log-sum-exp,
+            # from which the weights are exact (eager, with a logged reason, where no such kernel applies).
+            attention_fn = lse_attention_forward
         else:
             attention_fn = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
         if self.num_heads == 0:  # every head pruned: the sub-layer adds W_O's bias only

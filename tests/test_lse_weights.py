@@ -1,0 +1,130 @@
+"""Exact attention weights from the fused kernel's log-sum-exp (`lse_attention_forward`) against eager.
+
+Each case builds the same seeded tiny model twice, eager and sdpa, and compares every recorded weight tensor
+(self and cross attention) at fp32 to 1e-6. A spy on the kernel call proves the lse path ran (no silent eager)."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from modeling import modeling_course_transformer as mct
+from tests.conftest import model_inputs, padded, tiny_model
+
+TOLERANCE = 1e-6
+
+CASES = {
+    "causal": dict(architecture="decoder", lengths=[7, 7]),
+    "padded": dict(architecture="decoder", lengths=[7, 4]),
+    "alibi": dict(architecture="decoder", lengths=[7, 5], position_encoding="alibi"),
+    "rope": dict(architecture="decoder", lengths=[7, 5], position_encoding="rope"),
+    "encoder": dict(architecture="encoder", lengths=[7, 3]),
+    "cross-attention": dict(architecture="encoder-decoder", lengths=[7, 5]),
+}
+
+
+def _all_weights(out) -> list[torch.Tensor]:
+    """Every recorded weight tensor of a decoder, encoder or seq2seq output, in a fixed order."""
+    names = ("attentions", "encoder_attentions", "decoder_attentions", "cross_attentions")
+    return [w for name in names for w in (getattr(out, name, None) or ())]
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch) -> list[int]:
+    """Counts calls of the lse kernel, so a test knows the fused path ran."""
+    calls: list[int] = []
+    real = mct._run_lse_kernel
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mct, "_run_lse_kernel", spy)
+    return calls
+
+
+def _pair(case: dict):
+    fields = {k: v for k, v in case.items() if k != "lengths"}
+    eager = tiny_model(attn_implementation="eager", **fields)
+    fast = tiny_model(attn_implementation="sdpa", **fields)
+    ids, mask = padded(case["lengths"], side="left")
+    return eager, fast, model_inputs(eager, ids, mask, output_attentions=True)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+@torch.no_grad()
+def test_lse_weights_equal_eager(name, kernel_calls):
+    eager, fast, inputs = _pair(CASES[name])
+    ref, got = eager(**inputs), fast(**inputs)
+    ref_w, got_w = _all_weights(ref), _all_weights(got)
+    assert kernel_calls and len(ref_w) == len(got_w) > 0
+    worst = max((a - b).abs().max().item() for a, b in zip(ref_w, got_w, strict=True))
+    assert worst <= TOLERANCE, f"{name}: max |lse - eager| = {worst:.2e}"
+    torch.testing.assert_close(got.logits, ref.logits, atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_lse_rows_sum_to_one_and_respect_the_mask(kernel_calls):
+    _, fast, inputs = _pair(CASES["padded"])
+    weights = fast(**inputs).attentions[0]  # (B, H, T, S)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(weights.shape[:-1]), atol=1e-6, rtol=0)
+    assert weights[1, :, -1, :3].abs().max() == 0  # the padded row's last query never sees the 3 left pads
+    assert torch.triu(weights[0], diagonal=1).abs().max() == 0  # causal
+
+
+@torch.no_grad()
+def test_lse_keeps_head_mask_and_attention_layers(kernel_calls):
+    eager, fast, inputs = _pair(CASES["causal"])
+    head_mask = torch.tensor([1.0, 0.0, 1.0, 1.0])
+    ref = eager(**inputs, head_mask=head_mask, attention_layers=[-1])
+    got = fast(**inputs, head_mask=head_mask, attention_layers=[-1])
+    assert len(got.attentions) == 1 and len(kernel_calls) == 1  # only the last layer is recorded
+    assert got.attentions[0][:, 1].abs().max() == 0
+    torch.testing.assert_close(got.attentions[0], ref.attentions[0], atol=TOLERANCE, rtol=0)
+
+
+@torch.no_grad()
+def test_lse_during_cached_generation(kernel_calls):
+    eager, fast, _ = _pair(CASES["rope"])
+    ids = torch.tensor([[3, 7, 9, 4]])
+    kwargs = dict(max_new_tokens=3, do_sample=False, output_attentions=True, return_dict_in_generate=True)
+    ref, got = eager.generate(ids, **kwargs), fast.generate(ids, **kwargs)
+    assert torch.equal(ref.sequences, got.sequences)
+    for ref_step, got_step in zip(ref.attentions, got.attentions, strict=True):  # one query per decoding step
+        for a, b in zip(ref_step, got_step, strict=True):
+            torch.testing.assert_close(b, a, atol=TOLERANCE, rtol=0)
+
+
+def test_gradients_fall_back_to_eager_with_a_reason(kernel_calls, caplog, monkeypatch):
+    monkeypatch.setattr(mct, "_warned_lse_reasons", set())
+    eager, fast, inputs = _pair(CASES["causal"])
+    with caplog.at_level(logging.WARNING):
+        got = fast(**inputs)
+    got.attentions[-1].sum().backward()  # a graph through the weights: eager's softmax
+    assert not kernel_calls
+    assert any("gradients are enabled" in r.getMessage() for r in caplog.records)
+    assert sum("gradients are enabled" in r.getMessage() for r in caplog.records) == 1  # once, not per layer
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in fast.named_parameters() if "q_proj" in n)
+    torch.testing.assert_close(got.attentions[0], eager(**inputs).attentions[0], atol=TOLERANCE, rtol=0)
+
+
+def test_dropout_falls_back_to_eager():
+    query = torch.zeros(1, 1, 2, 4)
+    assert "dropout" in mct._lse_unavailable(query, dropout=0.1)
+    assert mct._lse_unavailable(query, dropout=0.0) is None
+    assert "dtype" in mct._lse_unavailable(query.to(torch.int32), dropout=0.0)
+
+
+@torch.no_grad()
+def test_fully_masked_rows_are_uniform_as_in_eager():
+    module = torch.nn.Module()
+    module.is_causal, module.training = False, False
+    q, k, v = torch.randn(1, 2, 3, 4), torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 4)
+    mask = torch.ones(1, 1, 3, 5, dtype=torch.bool)
+    mask[0, 0, 1] = False  # query 1 sees no key
+    ref_out, ref_w = mct.eager_attention_forward(module, q, k, v, mask, 0.5)
+    out, w = mct.lse_attention_forward(module, q, k, v, mask, 0.5)
+    torch.testing.assert_close(w, ref_w, atol=TOLERANCE, rtol=0)
+    torch.testing.assert_close(out, ref_out, atol=1e-6, rtol=0)
