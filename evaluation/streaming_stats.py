@@ -56,24 +56,37 @@ class AttentionStats:
     def layer_means(self) -> dict[str, list[float]]:
         """Each statistic averaged over batch and heads, one value per layer."""
         result = {
-            "entropy": self.entropy.mean((1, 2)).tolist(),
-            "distance": self.distance.mean((1, 2)).tolist(),
-            "first_token_mass": self.first_token_mass.mean((1, 2)).tolist(),
+            "entropy": _nanmean(self.entropy, (1, 2)),
+            "distance": _nanmean(self.distance, (1, 2)),
+            "first_token_mass": _nanmean(self.first_token_mass, (1, 2)),
         }
         if self.special_mass is not None:
-            result["special_mass"] = self.special_mass.mean((1, 2)).tolist()
+            result["special_mass"] = _nanmean(self.special_mass, (1, 2))
         return result
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: per-layer-and-head means over the batch, and the layer means (no column sums)."""
         heads = {
-            "entropy": self.entropy.mean(1).tolist(),
-            "distance": self.distance.mean(1).tolist(),
-            "first_token_mass": self.first_token_mass.mean(1).tolist(),
+            "entropy": _nanmean(self.entropy, 1),
+            "distance": _nanmean(self.distance, 1),
+            "first_token_mass": _nanmean(self.first_token_mass, 1),
         }
         if self.special_mass is not None:
-            heads["special_mass"] = self.special_mass.mean(1).tolist()
+            heads["special_mass"] = _nanmean(self.special_mass, 1)
         return {"layers": self.layer_names, "per_head": heads, "per_layer": self.layer_means()}
+
+
+def _nanmean(values: torch.Tensor, dims: int | tuple[int, ...]) -> list:
+    """Mean over `dims` ignoring pruned heads (NaN), as nested lists with None where nothing was left (JSON has
+    no NaN)."""
+    mean = values.nanmean(dims)
+    return _none_for_nan(mean.tolist())
+
+
+def _none_for_nan(value):
+    if isinstance(value, list):
+        return [_none_for_nan(v) for v in value]
+    return None if value != value else value
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -117,18 +130,19 @@ def block_stats(
     special_mask: torch.Tensor | None = None,
     alibi_slopes: torch.Tensor | None = None,
     block_size: int = 256,
+    cross: bool = False,
 ) -> dict[str, torch.Tensor]:
     """The statistics of one layer from Q (B, H, T, D) and K (B, H|Hk, S, D), in query blocks of `block_size`.
 
-    `attention_mask` (B, S) 0/1 marks real tokens (queries and keys; T = S for self-attention, and for
-    cross-attention it masks the keys only); `special_mask` (B, S) bool marks special tokens. Returns (B, H)
+    `attention_mask` (B, S) 0/1 marks real tokens (queries and keys of self-attention, T = S; with `cross` it
+    masks the keys only, and every query counts); `special_mask` (B, S) bool marks special tokens. Returns (B, H)
     tensors `entropy`, `distance`, `first_token_mass`, `special_mass` (when given) and `received` (B, H, S)."""
     batch, heads, length, _ = query.shape
     if key.shape[1] != heads:  # grouped-query attention: each K head serves heads / Hk query heads
         key = key.repeat_interleave(heads // key.shape[1], dim=1)  # (B, H, S, D)
     keys = key.shape[2]
     key_mask = attention_mask.bool() if attention_mask is not None else None  # (B, S)
-    query_mask = key_mask if key_mask is not None and length == keys else None  # (B, T)
+    query_mask = key_mask if key_mask is not None and not cross else None  # (B, T)
     # The first real token of each sequence (left padding moves it): the sink position.
     first = key_mask.float().argmax(-1) if key_mask is not None else torch.zeros(batch, dtype=torch.long)  # (B,)
     first = first.to(query.device)
@@ -140,7 +154,7 @@ def block_stats(
     for start in range(0, length, block_size):
         rows = torch.arange(start, min(start + block_size, length), device=query.device)  # (b,)
         log_p = _block_log_weights(
-            query[:, :, rows], key, scaling, rows, causal and length == keys, key_mask, alibi_slopes
+            query[:, :, rows], key, scaling, rows, causal and not cross, key_mask, alibi_slopes
         )  # (B, H, b, S)
         p = log_p.exp()
         valid = query_mask[:, rows] if query_mask is not None else torch.ones(batch, len(rows), dtype=torch.bool)
@@ -171,11 +185,12 @@ def stats_from_weights(
     weights: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
     special_mask: torch.Tensor | None = None,
+    cross: bool = False,
 ) -> dict[str, torch.Tensor]:
     """The same statistics from a full weight matrix (B, H, T, S): the reference the streaming path must equal."""
     batch, heads, length, keys = weights.shape
     p = weights.float()
-    query_mask = attention_mask.bool() if attention_mask is not None and length == keys else None
+    query_mask = attention_mask.bool() if attention_mask is not None and not cross else None
     valid = query_mask.float() if query_mask is not None else torch.ones(batch, length)  # (B, T)
     count = valid.sum(-1).clamp(min=1)[:, None]  # (B, 1)
     first = attention_mask.float().argmax(-1) if attention_mask is not None else torch.zeros(batch, dtype=torch.long)
@@ -269,7 +284,8 @@ def _attention_modules(model: nn.Module) -> list[tuple[str, nn.Module, Adapter]]
         if type(module).__name__ == "CourseTransformerAttention" and model.config.position_encoding == "alibi":
             from modeling.modeling_course_transformer import alibi_slopes
 
-            slopes = alibi_slopes(module.num_heads)
+            # Slopes belong to the original heads: a pruned module keeps its heads' own slopes, as the model does.
+            slopes = alibi_slopes(model.config.num_attention_heads)[module.kept_heads]  # (H_kept,)
         adapter = adapter_for(module, slopes)
         if adapter is not None:
             found.append((name, module, adapter))
@@ -293,8 +309,9 @@ def streaming_attention_stats(
 ) -> AttentionStats:
     """Run `model(**inputs)` once (use_cache off) and return the statistics of every supported attention module.
 
-    `inputs` holds `input_ids` (and `attention_mask`, decoder inputs for a seq2seq model); the key padding mask
-    is `inputs["attention_mask"]` (for cross-attention modules, the encoder's). `layers` picks attention modules by
+    `inputs` holds `input_ids` (and `attention_mask`, decoder inputs for a seq2seq model); `attention_mask` and
+    `special_mask` (B, S) describe `input_ids`, the keys of self-attention and of cross-attention (the encoder's
+    tokens); a seq2seq decoder's self-attention reads `decoder_attention_mask`. `layers` picks attention modules by
     index in forward order (negative allowed). Example:
 
         >>> stats = streaming_attention_stats(model, tokenizer("...", return_tensors="pt"), block_size=512)
@@ -313,7 +330,6 @@ def streaming_attention_stats(
         if bad:
             raise ValueError(f"layers {bad} out of range: the model has {len(modules)} attention modules")
         modules = [modules[i % len(modules)] for i in sorted({i % len(modules) for i in layers})]
-    mask = inputs.get("attention_mask")
     results: dict[str, dict[str, torch.Tensor]] = {}
     bar = _progress(len(modules), progress)
 
@@ -323,17 +339,19 @@ def streaming_attention_stats(
             if captured is None:
                 return
             query, key, scaling, causal, slopes = captured
-            key_mask = mask if getattr(module, "is_cross_attention", False) is False else None
-            results[name] = block_stats(
+            key_mask, special = _masks_for(model, module, inputs, special_mask)
+            stats = block_stats(
                 query,
                 key,
                 scaling,
                 causal=causal,
                 attention_mask=key_mask,
-                special_mask=special_mask if query.shape[2] == key.shape[2] else None,
+                special_mask=special,
                 alibi_slopes=slopes,
                 block_size=block_size,
+                cross=bool(getattr(module, "is_cross_attention", False)),
             )
+            results[name] = _in_original_heads(module, stats)
             bar.update(1)
 
         return hook
@@ -358,6 +376,37 @@ def streaming_attention_stats(
         special_mass=stack("special_mass") if all("special_mass" in results[n] for n in names) else None,
         received=stack("received"),
     )
+
+
+def _masks_for(
+    model: nn.Module, module: nn.Module, inputs: dict[str, torch.Tensor], special_mask: torch.Tensor | None
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The key padding mask (B, S) and special-token mask of one module's keys. `attention_mask` and
+    `special_mask` describe `input_ids`: the keys of encoder and decoder-only self-attention and of cross-attention
+    (the encoder's tokens); the decoder self-attention of a seq2seq model reads `decoder_attention_mask`."""
+    seq2seq_decoder = (
+        getattr(model.config, "is_encoder_decoder", False)
+        and getattr(module, "is_causal", False)
+        and not getattr(module, "is_cross_attention", False)
+    )
+    if seq2seq_decoder:
+        return inputs.get("decoder_attention_mask"), None
+    return inputs.get("attention_mask"), special_mask
+
+
+def _in_original_heads(module: nn.Module, stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Heads removed by `prune_heads` come back as NaN at their original index, so that layers stack to (L, B, H)
+    and head h means the same head before and after pruning (our modules only; others have no `kept_heads`)."""
+    kept = getattr(module, "kept_heads", None)
+    total = getattr(getattr(module, "config", None), "num_attention_heads", None)
+    if kept is None or total is None or len(kept) == total:
+        return stats
+    full = {}
+    for name, value in stats.items():  # (B, H_kept) or (B, H_kept, S)
+        grown = value.new_full((value.shape[0], total, *value.shape[2:]), float("nan"))  # (B, H, ...)
+        grown[:, kept] = value
+        full[name] = grown
+    return full
 
 
 def _progress(total: int, enabled: bool):

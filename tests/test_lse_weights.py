@@ -20,7 +20,9 @@ CASES = {
     "padded": dict(architecture="decoder", lengths=[7, 4]),
     "alibi": dict(architecture="decoder", lengths=[7, 5], position_encoding="alibi"),
     "rope": dict(architecture="decoder", lengths=[7, 5], position_encoding="rope"),
+    "sinusoidal": dict(architecture="decoder", lengths=[7, 6], position_encoding="sinusoidal"),
     "encoder": dict(architecture="encoder", lengths=[7, 3]),
+    "encoder-alibi": dict(architecture="encoder", lengths=[7, 3], position_encoding="alibi"),
     "cross-attention": dict(architecture="encoder-decoder", lengths=[7, 5]),
 }
 
@@ -45,12 +47,18 @@ def kernel_calls(monkeypatch) -> list[int]:
     return calls
 
 
-def _pair(case: dict):
+def _pair(case: dict, side: str = "left"):
     fields = {k: v for k, v in case.items() if k != "lengths"}
     eager = tiny_model(attn_implementation="eager", **fields)
     fast = tiny_model(attn_implementation="sdpa", **fields)
-    ids, mask = padded(case["lengths"], side="left")
+    ids, mask = padded(case["lengths"], side=side)
     return eager, fast, model_inputs(eager, ids, mask, output_attentions=True)
+
+
+def _worst(ref, got) -> float:
+    ref_w, got_w = _all_weights(ref), _all_weights(got)
+    assert len(ref_w) == len(got_w) > 0
+    return max((a - b).abs().max().item() for a, b in zip(ref_w, got_w, strict=True))
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -58,11 +66,46 @@ def _pair(case: dict):
 def test_lse_weights_equal_eager(name, kernel_calls):
     eager, fast, inputs = _pair(CASES[name])
     ref, got = eager(**inputs), fast(**inputs)
-    ref_w, got_w = _all_weights(ref), _all_weights(got)
-    assert kernel_calls and len(ref_w) == len(got_w) > 0
-    worst = max((a - b).abs().max().item() for a, b in zip(ref_w, got_w, strict=True))
+    worst = _worst(ref, got)
+    assert kernel_calls, "the lse kernel never ran: the weights came from eager"
     assert worst <= TOLERANCE, f"{name}: max |lse - eager| = {worst:.2e}"
     torch.testing.assert_close(got.logits, ref.logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("architecture", ["encoder", "encoder-decoder"])
+@torch.no_grad()
+def test_lse_weights_equal_eager_with_right_padding(architecture, kernel_calls):
+    eager, fast, inputs = _pair(dict(architecture=architecture, lengths=[7, 4]), side="right")
+    assert _worst(eager(**inputs), fast(**inputs)) <= TOLERANCE and kernel_calls
+
+
+# Heads removed by name ("decoder.1.self") keep their original indices in the returned weights (zeros), and ALiBi's
+# bias must follow the kept heads' slopes: the lse path gets the sliced bias like every other kernel.
+PRUNE = {
+    "decoder": {"decoder.0.self": [2], "decoder.1.self": [0, 1, 3]},
+    "encoder-decoder": {"encoder.0.self": [0, 2], "decoder.0.self": [1], "decoder.1.cross": [0, 3]},
+}
+
+
+@pytest.mark.parametrize("architecture", list(PRUNE))
+@pytest.mark.parametrize("position_encoding", ["learned", "alibi"])
+@torch.no_grad()
+def test_lse_weights_of_named_pruned_heads_equal_eager(architecture, position_encoding, kernel_calls):
+    eager, fast, inputs = _pair(dict(architecture=architecture, lengths=[7, 5], position_encoding=position_encoding))
+    for model in (eager, fast):
+        model.prune_heads(PRUNE[architecture])
+    ref, got = eager(**inputs), fast(**inputs)
+    assert _worst(ref, got) <= TOLERANCE and kernel_calls
+    weights = got.attentions[-1] if architecture == "decoder" else got.cross_attentions[-1]  # (B, H, T, S)
+    assert weights[:, [0, 3]].abs().max() == 0 and weights[:, 2].abs().max() > 0  # pruned heads read as zeros
+    torch.testing.assert_close(got.logits, ref.logits, atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_fast_forward_without_weights_never_runs_the_lse_kernel(kernel_calls):
+    _, fast, inputs = _pair(CASES["padded"])
+    out = fast(**{**inputs, "output_attentions": False})
+    assert not kernel_calls and not out.attentions
 
 
 @torch.no_grad()
@@ -108,6 +151,18 @@ def test_gradients_fall_back_to_eager_with_a_reason(kernel_calls, caplog, monkey
     assert sum("gradients are enabled" in r.getMessage() for r in caplog.records) == 1  # once, not per layer
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in fast.named_parameters() if "q_proj" in n)
     torch.testing.assert_close(got.attentions[0], eager(**inputs).attentions[0], atol=TOLERANCE, rtol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA memory-efficient kernel needs CUDA")
+@pytest.mark.parametrize("name", ["padded", "alibi", "cross-attention"])
+@torch.no_grad()
+def test_lse_weights_on_cuda_equal_eager(name, kernel_calls):
+    eager, fast, inputs = _pair(CASES[name])
+    eager, fast = eager.cuda(), fast.cuda()
+    inputs = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+    # 1e-5, not 1e-6: the CUDA kernel and cuBLAS sum in different orders over blocks (fp32, TF32 off by default).
+    assert _worst(eager(**inputs), fast(**inputs)) <= 1e-5 and kernel_calls
 
 
 def test_dropout_falls_back_to_eager():

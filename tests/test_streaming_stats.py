@@ -66,3 +66,46 @@ def test_encoder_and_layer_choice_and_errors():
         streaming_attention_stats(model, {"input_ids": ids}, layers=[5])
     with pytest.raises(ValueError, match="block_size"):
         streaming_attention_stats(model, {"input_ids": ids}, block_size=0)
+
+
+@pytest.mark.parametrize("backend", ["eager", "sdpa"])
+@torch.no_grad()
+def test_seq2seq_self_and_cross_attention_equal_full_matrix(backend):
+    """Encoder, decoder and cross-attention (keys: the padded source) equal the statistics of the returned weights;
+    a source length equal to the target length must not turn the encoder mask into a query mask."""
+    model = tiny_model("encoder-decoder", attn_implementation=backend)
+    ids, mask = padded([6, 3], side="right")
+    decoder_ids = torch.tensor([[1, 5, 9, 13, 7, 4]]).expand(2, -1)  # T = S = 6 on purpose
+    inputs = {"input_ids": ids, "attention_mask": mask, "decoder_input_ids": decoder_ids}
+    special = ids == 0
+    stats = streaming_attention_stats(model, inputs, special_mask=special, block_size=4)
+    out = model(**inputs, output_attentions=True)
+    layers = model.config.num_encoder_layers
+    expected = [stats_from_weights(w, mask, special) for w in out.encoder_attentions]
+    for self_w, cross_w in zip(out.decoder_attentions, out.cross_attentions, strict=True):
+        expected += [stats_from_weights(self_w), stats_from_weights(cross_w, mask, special, cross=True)]
+    assert stats.layer_names[layers].endswith("self_attn") and stats.layer_names[layers + 1].endswith("cross_attn")
+    assert stats.special_mass is None  # the seq2seq decoder's self-attention has no special mask
+    for index, ref in enumerate(expected):
+        for name in ("entropy", "distance", "first_token_mass", "received"):
+            torch.testing.assert_close(getattr(stats, name)[index], ref[name], atol=1e-5, rtol=1e-5)
+    assert stats.received[layers + 1, 1, :, 3:].abs().max() == 0  # cross-attention never reaches source padding
+
+
+@pytest.mark.parametrize("position_encoding", ["learned", "alibi"])
+@torch.no_grad()
+def test_pruned_heads_keep_their_index_and_their_alibi_slope(position_encoding):
+    model = tiny_model(position_encoding=position_encoding, attn_implementation="sdpa")
+    model.prune_heads({"decoder.0.self": [1], "decoder.1.self": [0, 3]})
+    ids, mask = padded([8, 5], side="left")
+    stats = streaming_attention_stats(model, {"input_ids": ids, "attention_mask": mask}, block_size=3)
+    weights = model(input_ids=ids, attention_mask=mask, output_attentions=True).attentions  # zeros at pruned heads
+    pruned = {0: [1], 1: [0, 3]}
+    for layer, w in enumerate(weights):
+        kept = [h for h in range(4) if h not in pruned[layer]]
+        ref = stats_from_weights(w, mask)
+        assert stats.entropy[layer][:, pruned[layer]].isnan().all()
+        for name in ("entropy", "distance", "first_token_mass"):
+            torch.testing.assert_close(getattr(stats, name)[layer][:, kept], ref[name][:, kept], atol=1e-5, rtol=0)
+    per_head = stats.to_dict()["per_head"]["entropy"]
+    assert per_head[1][0] is None and per_head[1][1] is not None  # JSON-ready: None, not NaN
