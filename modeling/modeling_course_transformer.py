@@ -443,17 +443,24 @@ def lse_attention_forward(
         return eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout, position_bias)
     mask, is_causal = _additive_mask(module, query, key, attention_mask, position_bias)
     output, lse = _run_lse_kernel(query, key, value, mask, is_causal, scaling)  # (B, H, T, D), (B, H, T)
-    # The scores again, now to be exponentiated against the kernel's normaliser: no max, no sum, no softmax graph.
-    scores = torch.matmul(query, key.transpose(-1, -2)).mul_(scaling).float()  # (B, H, T, S)
+    # The scores again, exponentiated against the kernel's normaliser: no max, no sum, no softmax graph. One GEMM
+    # writes s − lse (baddbmm adds −lse as it stores; the scale goes on Q, T·D values, not on T·S scores), in at
+    # least fp32 as the kernels accumulate; then one masking pass and one exp pass over the T×S scores.
+    batch, heads, length, dim = query.shape
+    compute = torch.promote_types(query.dtype, torch.float32)
+    scaled_query = (query.to(compute) * scaling).reshape(batch * heads, length, dim)  # (BH, T, D)
+    keys_t = key.to(compute).reshape(batch * heads, key.shape[2], dim).transpose(1, 2)  # (BH, D, S)
+    shift = lse.to(compute).neg().reshape(batch * heads, length, 1)  # (BH, T, 1)
+    scores = torch.baddbmm(shift, scaled_query, keys_t).view(batch, heads, length, -1)  # (B, H, T, S): s − lse
     if mask is not None:
-        scores = scores.add_(mask) if mask.shape == scores.shape else scores + mask  # in place unless it broadcasts
+        scores.add_(mask)  # (B|1, H|1, T, S) broadcast; finfo.min entries exponentiate to 0
     elif is_causal:
         future = torch.ones(scores.shape[-2:], dtype=torch.bool, device=query.device).triu(1)  # (T, S)
-        scores.masked_fill_(future, torch.finfo(query.dtype).min)
-    weights = scores.sub_(lse.float().unsqueeze(-1)).exp_()  # (B, H, T, S)
+        scores.masked_fill_(future, float("-inf"))
+    weights = scores.exp_()  # (B, H, T, S)
     # A row whose keys are all masked: eager's softmax over equal scores is uniform, while the kernel's lse equals
     # finfo.min and exp(0) = 1 per key. Give those rows eager's answer.
-    dead = lse.float() <= torch.finfo(query.dtype).min / 2  # (B, H, T)
+    dead = lse.to(compute) <= torch.finfo(query.dtype).min / 2  # (B, H, T)
     if bool(dead.any()):
         weights = torch.where(dead.unsqueeze(-1), 1.0 / key.shape[2], weights)
     return output.transpose(1, 2).contiguous(), weights.to(query.dtype)  # (B, T, H, D), (B, H, T, S)
