@@ -172,6 +172,26 @@ def test_dropout_falls_back_to_eager():
     assert "dtype" in mct._lse_unavailable(query.to(torch.int32), dropout=0.0)
 
 
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float64, 1e-12), (torch.bfloat16, 2e-2)])
+@torch.no_grad()
+def test_lse_weights_in_other_dtypes(dtype, tolerance):
+    """Against a float64 softmax. fp64: exact to 1e-12, so the fp32 bound above is rounding, not method (eager is no
+    reference here: it takes its softmax in fp32). bf16: the kernel rounds Q·Kᵀ to 8 mantissa bits (~4e-3 relative),
+    so only closeness and rows summing to 1 are asserted."""
+    module = torch.nn.Module()
+    module.is_causal, module.training = True, False
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 9, 8, generator=gen).to(dtype) for _ in range(3))
+    scores = (q.double() @ k.double().transpose(-1, -2)) * 8**-0.5  # (B, H, T, S)
+    ref_w = scores.masked_fill(torch.ones(9, 9, dtype=torch.bool).triu(1), float("-inf")).softmax(-1)
+    ref_out = (ref_w @ v.double()).transpose(1, 2)  # (B, T, H, D)
+    out, w = mct.lse_attention_forward(module, q, k, v, None, 8**-0.5)
+    assert w.dtype == dtype
+    torch.testing.assert_close(w.double(), ref_w.double(), atol=tolerance, rtol=0)
+    torch.testing.assert_close(w.double().sum(-1), torch.ones(2, 3, 9, dtype=torch.float64), atol=tolerance, rtol=0)
+    torch.testing.assert_close(out.double(), ref_out.double(), atol=tolerance * 5, rtol=0)
+
+
 @torch.no_grad()
 def test_fully_masked_rows_are_uniform_as_in_eager():
     module = torch.nn.Module()
