@@ -10,7 +10,17 @@ import importlib
 import sys
 
 # subcommand -> (module, one-line help). Modules are imported only when their subcommand runs.
-SUBCOMMANDS: dict[str, tuple[str, str]] = {}
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "flow": (
+        "course_transformer.commands.analyze_flow",
+        "attention rollout and flow, norm-based attention (Abnar & Zuidema 2020; Kobayashi et al. 2020)",
+    ),
+    "heads": ("course_transformer.commands.analyze_heads", "head importance, single-head ablation, pruning curve"),
+    "sinks": (
+        "course_transformer.commands.analyze_streaming",
+        "attention sinks, entropy, distance per layer/head on a long text, streamed (Xiao et al. 2023)",
+    ),
+}
 
 
 def _usage() -> str:
