@@ -7,15 +7,22 @@ Part 1, exactness: the same seeded tiny models as tests/test_lse_weights.py, eag
 every recorded weight. Part 2, cost: the quick benchmark's `attention_output_cost` decoder (GPT-2 width, 4 layers,
 T=1024, batch 1, sdpa) timed interleaved: the fast forward, `output_attentions=True` on all layers through the lse
 path ("after") and through eager math ("before", the previous behaviour, by routing the recorded layers to
-`eager_attention_forward`), with the benchmark's peak-memory measure (tensor bytes above what existed before).
+`eager_attention_forward`), with the benchmark's peak-memory measure (tensor bytes above what existed before, from
+torch.profiler) and, unless --no-rss, the peak resident set each variant's forward adds in a fresh process.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
+import os
+import resource
 import statistics
+import subprocess
 import sys
+import tempfile
+from collections.abc import Callable
 from contextlib import contextmanager
 
 import torch
@@ -35,7 +42,9 @@ EXACTNESS_CASES = {
     "padded": dict(architecture="decoder", lengths=[7, 4]),
     "alibi": dict(architecture="decoder", lengths=[7, 5], position_encoding="alibi"),
     "rope": dict(architecture="decoder", lengths=[7, 5], position_encoding="rope"),
+    "sinusoidal": dict(architecture="decoder", lengths=[7, 6], position_encoding="sinusoidal"),
     "encoder": dict(architecture="encoder", lengths=[7, 3]),
+    "encoder-alibi": dict(architecture="encoder", lengths=[7, 3], position_encoding="alibi"),
     "cross-attention": dict(architecture="encoder-decoder", lengths=[7, 5]),
 }
 
@@ -69,8 +78,11 @@ def exactness() -> dict[str, float]:
     return result
 
 
-def cost(repeats: int) -> dict:
-    """Seconds and peak bytes of the fast forward and of output_attentions on all layers, lse and eager."""
+VARIANTS = ("fast", "lse", "eager")
+
+
+def _variants() -> tuple[BenchSettings, dict[str, Callable[[], object]]]:
+    """The quick benchmark's `attention_output_cost` decoder and one zero-argument forward per variant."""
     import modeling
 
     s = BenchSettings.preset("quick")
@@ -94,18 +106,77 @@ def cost(repeats: int) -> dict:
         with eager_recorded_layers():
             return lse()
 
-    samples = interleaved([fast, lse, eager], 1, repeats, device)
-    times = dict(zip(("fast", "lse", "eager"), samples, strict=True))
-    row = {"seq_len": s.attn_cost_seq_len, "layers": s.attn_cost_layers, "width": s.hidden_size, "repeats": repeats}
-    for name in ("fast", "lse", "eager"):
+    return s, {"fast": fast, "lse": lse, "eager": eager}
+
+
+def _status_bytes(field: str) -> int:
+    """A `/proc/self/status` size field (VmRSS, VmHWM) in bytes."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024  # kB
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def rss_of_variant(name: str) -> dict[str, int]:
+    """In this (fresh) process: the peak resident set one forward of `name` adds above the resident set before it,
+    every allocator included (torch's tensors, the kernels' scratch, the returned weights held until it returns).
+    Building the model peaks higher than its resting size, so the peak is reset first (Linux: `5` into
+    /proc/self/clear_refs resets VmHWM); where that is refused, ru_maxrss, which may hide the forward."""
+    _, variants = _variants()
+    variants["fast"]()  # one warm call: lazily created kernels and thread pools are not the variant's cost
+    gc.collect()
+    before = _status_bytes("VmRSS")
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        source = "VmHWM after reset"
+    except OSError:
+        source = "ru_maxrss (peak not reset)"
+    out = variants[name]()
+    if source.startswith("VmHWM"):
+        peak = _status_bytes("VmHWM")
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    del out
+    return {"rss_before_bytes": before, "peak_rss_bytes": peak, "forward_rss_bytes": peak - before, "source": source}
+
+
+def rss_in_fresh_processes() -> dict[str, dict]:
+    """`rss_of_variant` of each variant, each in its own interpreter (the peak RSS of a process never goes down)."""
+    result = {}
+    for name in VARIANTS:
+        command = [sys.executable, "-m", "scripts.lse_weights_report", "--rss-variant", name]
+        proc = subprocess.run(command, capture_output=True, text=True, check=True, timeout=600)
+        result[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return result
+
+
+def cost(repeats: int) -> dict:
+    """Seconds and peak bytes of the fast forward and of output_attentions on all layers, lse and eager."""
+    s, variants = _variants()
+    device = torch.device("cpu")
+    samples = interleaved([variants[n] for n in VARIANTS], 1, repeats, device)
+    times = dict(zip(VARIANTS, samples, strict=True))
+    row = {
+        "seq_len": s.attn_cost_seq_len,
+        "layers": s.attn_cost_layers,
+        "width": s.hidden_size,
+        "heads": s.num_heads,
+        "repeats": repeats,
+        "threads": torch.get_num_threads(),
+    }
+    for name in VARIANTS:
         row[f"{name}_s"] = statistics.median(times[name])
-        row[f"{name}_peak_bytes"] = peak_memory_bytes({"fast": fast, "lse": lse, "eager": eager}[name], device)
+        row[f"{name}_samples_s"] = times[name]
+        row[f"{name}_peak_bytes"] = peak_memory_bytes(variants[name], device)
     for name in ("lse", "eager"):
         row[f"{name}_ratio"] = statistics.median(a / b for a, b in zip(times[name], times["fast"], strict=True))
+    row["lse_vs_eager"] = statistics.median(a / b for a, b in zip(times["lse"], times["eager"], strict=True))
     return row
 
 
-def markdown(env: dict, exact: dict[str, float], row: dict) -> str:
+def markdown(env: dict, exact: dict[str, float], row: dict, rss: dict[str, dict]) -> str:
     mib = 2**20
     lines = [
         f"{env['date_utc']}, commit {env['commit'][:10]}{' (dirty)' if env['dirty'] else ''}, {env['cpu_model']}, "
@@ -117,31 +188,51 @@ def markdown(env: dict, exact: dict[str, float], row: dict) -> str:
         "",
         f"T={row['seq_len']}, {row['layers']} layers, width {row['width']}, batch 1, median of {row['repeats']}:",
         "",
-        "| forward | seconds | × fast forward | peak tensor memory |",
-        "|---|---|---|---|",
-        f"| fast (sdpa, no weights) | {row['fast_s']:.3f} | 1.00 | {row['fast_peak_bytes'] / mib:.0f} MiB |",
-        f"| output_attentions, all layers, eager math (before) | {row['eager_s']:.3f} | {row['eager_ratio']:.2f} "
-        f"| {row['eager_peak_bytes'] / mib:.0f} MiB |",
-        f"| output_attentions, all layers, lse path (after) | {row['lse_s']:.3f} | {row['lse_ratio']:.2f} "
-        f"| {row['lse_peak_bytes'] / mib:.0f} MiB |",
+        "| forward | seconds | × fast forward | peak tensor memory (profiler) | peak RSS added (fresh process) |",
+        "|---|---|---|---|---|",
     ]
+    labels = {
+        "fast": "fast (sdpa, no weights)",
+        "eager": "output_attentions, all layers, eager math (before)",
+        "lse": "output_attentions, all layers, lse path (after)",
+    }
+    for name in ("fast", "eager", "lse"):
+        ratio = 1.0 if name == "fast" else row[f"{name}_ratio"]
+        added = rss.get(name, {}).get("forward_rss_bytes")
+        lines.append(
+            f"| {labels[name]} | {row[f'{name}_s']:.3f} | {ratio:.2f} | {row[f'{name}_peak_bytes'] / mib:.0f} MiB "
+            f"| {'n/a' if added is None else f'{added / mib:.0f} MiB'} |"
+        )
+    lines += ["", f"lse path / eager path, median of paired rounds: {row['lse_vs_eager']:.2f}"]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5, help="interleaved timing rounds (default 5)")
-    parser.add_argument("--json", help="also write the numbers to this JSON file")
+    parser.add_argument("--json", help="also write the numbers to this JSON file (atomically)")
+    parser.add_argument("--no-rss", action="store_true", help="skip the three fresh processes measuring peak RSS")
+    parser.add_argument("--rss-variant", choices=VARIANTS, help=argparse.SUPPRESS)  # the child of --rss
     args = parser.parse_args(argv)
+    if args.rss_variant:
+        print(json.dumps(rss_of_variant(args.rss_variant)))
+        return 0
     if args.repeats < 1:
-        parser.error("--repeats must be at least 1")
+        parser.error(f"--repeats must be at least 1, got {args.repeats}")
     env = collect_environment(torch.device("cpu"))
     exact, row = exactness(), cost(args.repeats)
-    print(markdown(env, exact, row))
+    rss = {} if args.no_rss else rss_in_fresh_processes()
+    print(markdown(env, exact, row, rss))
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({"environment": env, "exactness": exact, "cost": row}, fh, indent=2)
+        _write_json(args.json, {"environment": env, "exactness": exact, "cost": row, "rss": rss})
     return 0
+
+
+def _write_json(path: str, data: dict) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    with tempfile.NamedTemporaryFile("w", dir=folder, suffix=".tmp", delete=False) as fh:
+        json.dump(data, fh, indent=2)
+    os.replace(fh.name, path)
 
 
 if __name__ == "__main__":
