@@ -466,6 +466,83 @@ def lse_attention_forward(
     return output.transpose(1, 2).contiguous(), weights.to(query.dtype)  # (B, T, H, D), (B, H, T, S)
 
 
+# --------------------------------------------------------------------------------------------------------------
+# Fast decoding: linear layers that read a oneDNN-packed copy of their weight
+# --------------------------------------------------------------------------------------------------------------
+
+# Decoding one token at a time multiplies each weight matrix by one vector (a GEMV), so its speed is how fast the
+# weights stream from memory. On the CPU, `F.linear` over nn.Linear's (out, in) layout streams at about half the
+# read bandwidth; the same product through oneDNN with the weight reordered once into its blocked layout streams
+# about twice as fast (docs/benchmarks.md, "Decoding"). The packed copy is a cache beside the weight, not a
+# replacement: parameters, state_dict, tying, save/load and autograd see plain nn.Linear weights throughout.
+_PACK_LINEAR_WEIGHT = getattr(torch.ops.mkldnn, "_reorder_linear_weight", None)
+_PACKED_LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
+
+
+def fast_decoding_unavailable() -> str | None:
+    """Why this torch cannot pack linear weights for the CPU (None when it can)."""
+    if _PACK_LINEAR_WEIGHT is None or _PACKED_LINEAR is None:
+        return "this torch has no torch.ops.mkldnn._reorder_linear_weight / _linear_pointwise"
+    if not torch.backends.mkldnn.is_available():
+        return "this torch was built without oneDNN (torch.backends.mkldnn.is_available() is False)"
+    return None
+
+
+class PackedLinear(nn.Linear):
+    """An nn.Linear that, outside autograd, multiplies by a oneDNN-packed copy of its fp32 CPU weight.
+
+    Made from an existing nn.Linear by `pack_linear` (its class is swapped, nothing is copied but the weight's
+    packed form) and turned back by `unpack_linear`. The packed copy is used only while it provably matches the
+    weight: same storage and same version counter (any in-place update, `load_state_dict` or optimizer step bumps
+    it), input on the CPU in fp32, and no gradient to track; otherwise the forward is nn.Linear's own."""
+
+    _packed: torch.Tensor
+    _packed_key: tuple[int, int]
+
+    def _packed_matches(self, x: torch.Tensor) -> bool:
+        weight = self.weight
+        if (weight.data_ptr(), weight._version) != self._packed_key or x.dtype != torch.float32:
+            return False
+        if x.device.type != "cpu":
+            return False
+        return not (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._packed_matches(x):
+            return _PACKED_LINEAR(x, self._packed, self.bias, "none", [], "")  # (..., in) -> (..., out)
+        return F.linear(x, self.weight, self.bias)
+
+    # oneDNN's packed tensor has no storage to pickle: deepcopy and torch.save carry the weight, and the copy packs
+    # its own.
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k not in ("_packed", "_packed_key")}
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self.__class__ = nn.Linear
+        pack_linear(self)
+
+
+def pack_linear(linear: nn.Linear) -> bool:
+    """Give `linear` a packed copy of its weight and make it a PackedLinear; False if it cannot be packed (not an
+    fp32 CPU weight, or a subclass with its own forward), leaving it unchanged."""
+    weight = linear.weight
+    if type(linear) not in (nn.Linear, PackedLinear) or weight.device.type != "cpu" or weight.dtype != torch.float32:
+        return False
+    with torch.no_grad():
+        packed = _PACK_LINEAR_WEIGHT(weight.detach(), 1)  # (out, in) in oneDNN's blocked layout; batch-1 hint
+    linear.__class__ = PackedLinear
+    linear._packed, linear._packed_key = packed, (weight.data_ptr(), weight._version)
+    return True
+
+
+def unpack_linear(linear: nn.Linear) -> None:
+    """Undo `pack_linear`: drop the packed copy and make `linear` a plain nn.Linear again."""
+    if isinstance(linear, PackedLinear):
+        del linear._packed, linear._packed_key
+        linear.__class__ = nn.Linear
+
+
 def _sliced_linear(linear: nn.Linear, index: torch.Tensor, dim: int) -> nn.Linear:
     """A copy of `linear` keeping the output features (dim 0) or input features (dim 1) at `index`."""
     weight = linear.weight.index_select(dim, index).clone()  # (out', in) or (out, in')
@@ -864,6 +941,38 @@ class CourseTransformerPreTrainedModel(PreTrainedModel):
             modules[key].prune(heads)
             pruned[key] = sorted(modules[key].pruned_heads)
         self.config.pruned_heads = {key: pruned[key] for key in sorted(pruned) if pruned[key]}
+
+    def enable_fast_decoding(self) -> "CourseTransformerPreTrainedModel":
+        """Make every fp32 CPU nn.Linear read a oneDNN-packed copy of its weight outside autograd (`PackedLinear`).
+
+        For batch-1 and small-batch decoding on the CPU, which streams every weight once per token. Outputs equal
+        the plain model's up to fp32 summation order; parameters, state_dict, tied weights, `save_pretrained`,
+        head masks and `output_attentions` are unchanged, and training or any changed weight falls back to
+        nn.Linear. Costs one extra copy of the linear weights in memory. Undo with `disable_fast_decoding`.
+        A write through `.data` (peft's `merge_and_unload` does one) bumps no version counter and so is invisible
+        to the packed copies: call `enable_fast_decoding()` again after it, which packs the current weights.
+
+        >>> model.enable_fast_decoding().generate(input_ids, max_new_tokens=32)  # doctest: +SKIP
+        """
+        reason = fast_decoding_unavailable()
+        if reason is not None:
+            raise RuntimeError(f"enable_fast_decoding: {reason}")
+        linears = [m for m in self.modules() if isinstance(m, nn.Linear)]
+        if not any([pack_linear(m) for m in linears]):
+            found = sorted({f"{m.weight.dtype} on {m.weight.device}" for m in linears})
+            raise ValueError(f"enable_fast_decoding: needs float32 weights on the CPU; the model has {found}")
+        return self
+
+    def disable_fast_decoding(self) -> "CourseTransformerPreTrainedModel":
+        """Undo `enable_fast_decoding`: every PackedLinear becomes a plain nn.Linear, the packed copies are freed."""
+        for module in self.modules():
+            unpack_linear(module)
+        return self
+
+    @property
+    def fast_decoding_enabled(self) -> bool:
+        """Whether any linear layer holds a packed weight (`enable_fast_decoding`)."""
+        return any(isinstance(m, PackedLinear) for m in self.modules())
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
