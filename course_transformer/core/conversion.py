@@ -1,7 +1,7 @@
-"""Conversion between Hugging Face BERT / GPT-2 and the course Transformer, in both directions.
+"""Conversion between Hugging Face BERT / GPT-2 / BART and the course Transformer, in both directions.
 
-BERT and GPT-2 are two settings of the same config, so a conversion is a config translation plus a renaming of
-weights (nothing is re-initialised or approximated):
+BERT, GPT-2 and BART are three settings of the same config, so a conversion is a config translation plus a
+renaming of weights (nothing is re-initialised or approximated):
 
 =====================  =============================================  ==========================================
 field                  BERT (`BertModel`, `BertForMaskedLM`)          GPT-2 (`GPT2Model`, `GPT2LMHeadModel`)
@@ -18,9 +18,30 @@ weights                nn.Linear (out, in): copied                    Conv1D (in
 head                   transform (dense, act, LN) + lm_head, tied     lm_head without bias, tied
 =====================  =============================================  ==========================================
 
-Every rule below is a bijection on tensors (copies, transposes, slices and concatenations), so export followed by
-import gives bitwise-identical weights. A config the target cannot express raises `ValueError` naming the field,
-its value and what the target allows.
+BART (`BartModel` -> `CourseTransformerModel`, `BartForConditionalGeneration` -> `CourseTransformerForSeq2SeqLM`)
+is the encoder-decoder with learned positions, post-norm, an embedding LayerNorm on both stacks
+("layernorm_embedding"), no final LayerNorm, biases everywhere, "gelu" (erf), LayerNorm eps 1e-5 (fixed in BART's
+code) and one token embedding ("shared") tied to both stacks and the LM head. Its weights are nn.Linear and copied;
+the names differ (out_proj -> o_proj, encoder_attn -> cross_attn, fc1/fc2 -> ffn.up_proj/down_proj,
+final_layer_norm -> ffn_norm).
+Three things need a decision:
+
+- Positions: `BartLearnedPositionalEmbedding` has `max_position_embeddings + 2` rows and looks up position p at row
+  p + 2 (a fairseq leftover); rows 0 and 1 are never read. Import keeps rows 2: ; export writes zeros in rows 0-1.
+  So course -> BART -> course is bitwise exact, and BART -> course -> BART is bitwise exact in every tensor BART's
+  forward reads, with rows 0-1 of the two position tables zeroed (exact too when they were zero).
+- `final_logits_bias` (a buffer added to the logits): our head has no bias, so a non-zero one is refused; export
+  writes zeros (what BART checkpoints hold).
+- Generation settings (`forced_eos_token_id`, beams, lengths) live in the model's `GenerationConfig`, which is
+  copied across in both directions, so `generate` behaves the same. `BartConfig.forced_eos_token_id` is left None.
+
+BART's config allows what ours cannot hold (different head counts or feed-forward widths per stack): refused.
+`activation_dropout` and layer drop only change training and are dropped with a warning. A left-padded source is
+numbered from the first pad by BART and from the first real token by us (pass `position_ids` to get BART's).
+
+Every rule below is a bijection on tensors (copies, transposes, slices and concatenations; BART's two unread
+position rows aside), so export followed by import gives bitwise-identical weights. A config the target cannot
+express raises `ValueError` naming the field, its value and what the target allows.
 
     >>> from transformers import BertForMaskedLM
     >>> from course_transformer.core.conversion import from_bert, to_bert
@@ -39,6 +60,7 @@ converts the weights alone). A refusal is one `error:` line on stderr, exit 2, n
     python -m course_transformer.core.conversion --to-bert PATH --output DIR        # course Transformer folder -> HF
     BERT folder
     python -m course_transformer.core.conversion --to-gpt2 PATH --output DIR
+    python -m course_transformer.core.conversion --from-bart PATH --output DIR      # and --to-bart
 
 This module is imported by tools, never by the modeling code, so saved model folders do not depend on it.
 """
@@ -47,6 +69,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import logging
 import sys
@@ -57,6 +80,9 @@ from pathlib import Path
 import torch
 from torch import nn
 from transformers import (
+    BartConfig,
+    BartForConditionalGeneration,
+    BartModel,
     BertConfig,
     BertForMaskedLM,
     BertModel,
@@ -77,6 +103,7 @@ from modeling.configuration_course_transformer import CourseTransformerConfig
 from modeling.modeling_course_transformer import (
     CourseTransformerForCausalLM,
     CourseTransformerForMaskedLM,
+    CourseTransformerForSeq2SeqLM,
     CourseTransformerModel,
 )
 
@@ -220,6 +247,76 @@ def gpt2_config_to_course(config: GPT2Config) -> CourseTransformerConfig:
     )
 
 
+# BART's LayerNorms are built with nn.LayerNorm's default eps; BartConfig has no field for it.
+BART_LAYER_NORM_EPS = 1e-5
+
+
+def _same_in_both_stacks(config: BartConfig, encoder_field: str, decoder_field: str, course_field: str) -> int:
+    encoder_value, decoder_value = getattr(config, encoder_field), getattr(config, decoder_field)
+    if encoder_value != decoder_value:
+        _refuse(
+            "CourseTransformerConfig",
+            f"BartConfig.{decoder_field}",
+            decoder_value,
+            f"the course Transformer has one {course_field} for both stacks, so it must equal "
+            f"{encoder_field}={encoder_value!r}",
+        )
+    return encoder_value
+
+
+def bart_config_to_course(config: BartConfig) -> CourseTransformerConfig:
+    """The course config of a BART checkpoint: a post-norm encoder-decoder with learned positions, an embedding
+    LayerNorm on both stacks and one token embedding shared by the stacks (and, tied, the LM head)."""
+    for field, convertible in (("is_encoder_decoder", True), ("is_decoder", False)):
+        if bool(getattr(config, field)) != convertible:
+            _refuse(
+                "CourseTransformerConfig",
+                f"BartConfig.{field}",
+                getattr(config, field),
+                "only the encoder-decoder BART (BartModel, BartForConditionalGeneration) converts",
+            )
+    heads = _same_in_both_stacks(config, "encoder_attention_heads", "decoder_attention_heads", "num_attention_heads")
+    ffn = _same_in_both_stacks(config, "encoder_ffn_dim", "decoder_ffn_dim", "intermediate_size")
+    # Neither changes the function the model computes at inference, so they do not block a conversion.
+    for field in ("activation_dropout", "encoder_layerdrop", "decoder_layerdrop"):
+        if getattr(config, field):
+            logger.warning(
+                "BartConfig.%s=%s has no course Transformer equivalent and is dropped; training with the converted "
+                "model differs, inference is unaffected.",
+                field,
+                getattr(config, field),
+            )
+    return CourseTransformerConfig(
+        architecture="encoder-decoder",
+        vocab_size=config.vocab_size,
+        hidden_size=config.d_model,
+        num_attention_heads=heads,
+        num_encoder_layers=config.encoder_layers,
+        num_decoder_layers=config.decoder_layers,
+        intermediate_size=ffn,
+        hidden_act=_import_activation("BartConfig", "activation_function", config.activation_function),
+        hidden_dropout_prob=float(config.dropout),
+        attention_dropout_prob=float(config.attention_dropout),
+        max_position_embeddings=config.max_position_embeddings,
+        position_encoding="learned",
+        norm_placement="post",
+        layer_norm_eps=BART_LAYER_NORM_EPS,
+        embedding_layer_norm=True,
+        type_vocab_size=0,
+        use_bias=True,
+        scale_embeddings=bool(config.scale_embedding),
+        tie_word_embeddings=bool(config.tie_word_embeddings),
+        add_pooling_layer=False,
+        classifier_dropout=config.classifier_dropout,
+        initializer_range=config.init_std,
+        use_cache=bool(config.use_cache),
+        pad_token_id=config.pad_token_id,
+        bos_token_id=config.bos_token_id,
+        eos_token_id=_single_token_id("BartConfig", "eos_token_id", config.eos_token_id),
+        decoder_start_token_id=config.decoder_start_token_id,
+    )
+
+
 def _require(config: CourseTransformerConfig, target: str, required: dict[str, tuple]) -> None:
     """Refuse, naming the first field whose value `target` cannot express."""
     for field, allowed in required.items():
@@ -305,6 +402,52 @@ def course_config_to_gpt2(config: CourseTransformerConfig) -> GPT2Config:
         bos_token_id=config.bos_token_id,
         eos_token_id=config.eos_token_id,
         pad_token_id=config.pad_token_id,
+        tie_word_embeddings=config.tie_word_embeddings,
+    )
+
+
+def course_config_to_bart(config: CourseTransformerConfig) -> BartConfig:
+    """The `BartConfig` of a BART-shaped course config; `ValueError` for any field BART cannot express.
+    `forced_eos_token_id` is None: generation settings travel in the model's `GenerationConfig` (see `to_bart`)."""
+    target = "BART"
+    _require(
+        config,
+        target,
+        {
+            "architecture": ("encoder-decoder",),
+            "norm_placement": ("post",),
+            "position_encoding": ("learned",),
+            "embedding_layer_norm": (True,),
+            "type_vocab_size": (0,),
+            "use_bias": (True,),
+            "layer_norm_eps": (BART_LAYER_NORM_EPS,),
+        },
+    )
+    if config.pruned_heads:
+        _refuse(target, "pruned_heads", config.pruned_heads, "BART has no pruned heads; export an unpruned model")
+    return BartConfig(
+        vocab_size=config.vocab_size,
+        max_position_embeddings=config.max_position_embeddings,
+        d_model=config.hidden_size,
+        encoder_layers=config.num_encoder_layers,
+        decoder_layers=config.num_decoder_layers,
+        encoder_attention_heads=config.num_attention_heads,
+        decoder_attention_heads=config.num_attention_heads,
+        encoder_ffn_dim=config.intermediate_size,
+        decoder_ffn_dim=config.intermediate_size,
+        activation_function=_export_activation(config, target),
+        dropout=config.hidden_dropout_prob,
+        attention_dropout=config.attention_dropout_prob,
+        activation_dropout=0.0,
+        init_std=config.initializer_range,
+        classifier_dropout=config.classifier_dropout,
+        scale_embedding=config.scale_embeddings,
+        use_cache=config.use_cache,
+        pad_token_id=config.pad_token_id,
+        bos_token_id=config.bos_token_id,
+        eos_token_id=config.eos_token_id,
+        decoder_start_token_id=config.decoder_start_token_id,
+        forced_eos_token_id=None,
         tie_word_embeddings=config.tie_word_embeddings,
     )
 
@@ -445,6 +588,86 @@ def gpt2_rules(config: CourseTransformerConfig, lm_head: bool) -> list[Rule]:
     return rules
 
 
+# BartLearnedPositionalEmbedding looks up position p at row p + 2; rows 0 and 1 are never read.
+BART_POSITION_OFFSET = 2
+
+
+def _drop_position_offset(tensors: Tensors) -> Tensors:
+    return [tensors[0][BART_POSITION_OFFSET:].contiguous()]  # (P + 2, C) -> (P, C)
+
+
+def _add_position_offset(tensors: Tensors) -> Tensors:
+    # The two unread rows come back as zeros: BART's forward never reads them, so the function is unchanged.
+    unread = tensors[0].new_zeros(BART_POSITION_OFFSET, tensors[0].shape[1])  # (2, C)
+    return [torch.cat([unread, tensors[0]], dim=0)]  # (P, C) -> (P + 2, C)
+
+
+def _encoder_tokens(tensors: Tensors) -> Tensors:
+    # Untied BART keeps `shared` beside the stacks' own embeddings but never reads it in forward; from_bart checks
+    # that it equals encoder.embed_tokens (as `set_input_embeddings` leaves it) and to_bart writes that copy back.
+    return [tensors[1]]
+
+
+def _shared_and_encoder_tokens(tensors: Tensors) -> Tensors:
+    return [tensors[0], tensors[0]]
+
+
+def _bart_layer_rules(theirs: str, ours: str, cross_attention: bool) -> list[Rule]:
+    attentions = [("self_attn", "self_attn")] + ([("encoder_attn", "cross_attn")] if cross_attention else [])
+    rules = []
+    for their_attn, our_attn in attentions:
+        for projection in ("q_proj", "k_proj", "v_proj"):
+            rules += _pairs(f"{theirs}.{their_attn}.{projection}", f"{ours}.{our_attn}.{projection}")
+        rules += [
+            *_pairs(f"{theirs}.{their_attn}.out_proj", f"{ours}.{our_attn}.o_proj"),
+            *_pairs(f"{theirs}.{their_attn}_layer_norm", f"{ours}.{our_attn}_norm"),
+        ]
+    return rules + [
+        *_pairs(f"{theirs}.fc1", f"{ours}.ffn.up_proj"),
+        *_pairs(f"{theirs}.fc2", f"{ours}.ffn.down_proj"),
+        *_pairs(f"{theirs}.final_layer_norm", f"{ours}.ffn_norm"),  # post-norm: after the FFN's residual sum
+    ]
+
+
+def bart_rules(config: CourseTransformerConfig, lm_head: bool) -> list[Rule]:
+    """Names relative to `BartModel` / our `CourseTransformerModel`, prefixed `model.` for the seq2seq LM."""
+    if config.tie_word_embeddings:
+        # One tensor in both: BART's encoder/decoder embed_tokens and our decoder's embedding are aliases of it.
+        rules = _pairs("shared", "encoder.embeddings.word_embeddings", ("weight",))
+    else:
+        rules = [
+            Rule(
+                ("shared.weight", "encoder.embed_tokens.weight"),
+                ("encoder.embeddings.word_embeddings.weight",),
+                _encoder_tokens,
+                _shared_and_encoder_tokens,
+            ),
+            *_pairs("decoder.embed_tokens", "decoder.embeddings.word_embeddings", ("weight",)),
+        ]
+    for stack, num_layers in (("encoder", config.num_encoder_layers), ("decoder", config.num_decoder_layers)):
+        rules += [
+            *_pairs(
+                f"{stack}.embed_positions",
+                f"{stack}.embeddings.position_embeddings",
+                ("weight",),
+                _drop_position_offset,
+                _add_position_offset,
+            ),
+            *_pairs(f"{stack}.layernorm_embedding", f"{stack}.embeddings.layer_norm"),
+        ]
+        for i in range(num_layers):
+            layer = f"{stack}.layers.{i}"  # the same path in both models
+            rules += _bart_layer_rules(layer, layer, cross_attention=stack == "decoder")
+    if lm_head:
+        rules = [
+            Rule(tuple(f"model.{n}" for n in r.theirs), tuple(f"model.{n}" for n in r.ours), r.to_ours, r.to_theirs)
+            for r in rules
+        ]
+        if not config.tie_word_embeddings:
+            rules += _pairs("lm_head", "lm_head", ("weight",))
+    return rules
+
+
 def _tied_aliases(model: nn.Module) -> dict[str, str]:
     """{name: first name} for every parameter that is the same tensor as an earlier one (tied weights)."""
     first: dict[int, str] = {}
@@ -535,6 +758,47 @@ def from_gpt2(
     return ours
 
 
+def _check_bart_weights(model: BartModel | BartForConditionalGeneration) -> None:
+    """Refuse, before anything is built, the BART tensors that our model has no place for."""
+    bias = getattr(model, "final_logits_bias", None)
+    if bias is not None and bool(bias.any()):
+        _refuse(
+            "CourseTransformerForSeq2SeqLM",
+            "BartForConditionalGeneration.final_logits_bias",
+            f"<non-zero, max |b| = {bias.abs().max().item():.3g}>",
+            "the course LM head has no bias; only an all-zero final_logits_bias (as BART checkpoints hold) converts",
+        )
+    base = model.model if isinstance(model, BartForConditionalGeneration) else model
+    if not model.config.tie_word_embeddings and not torch.equal(base.shared.weight, base.encoder.embed_tokens.weight):
+        _refuse(
+            "CourseTransformerConfig",
+            "BartModel.shared.weight",
+            "<differs from encoder.embed_tokens.weight>",
+            "untied BART never reads `shared` in forward; the course model keeps only the stacks' own embeddings, "
+            "so `shared` must equal encoder.embed_tokens",
+        )
+
+
+def from_bart(
+    model: BartModel | BartForConditionalGeneration, attn_implementation: str | None = "eager"
+) -> CourseTransformerModel | CourseTransformerForSeq2SeqLM:
+    """Convert `BartModel` (-> encoder-decoder `CourseTransformerModel`) or `BartForConditionalGeneration`
+    (-> `CourseTransformerForSeq2SeqLM`, with a copy of its `GenerationConfig`). See the module docstring for the
+    position offset and `final_logits_bias`."""
+    if not isinstance(model, (BartModel, BartForConditionalGeneration)):
+        raise TypeError(f"from_bart takes BartModel or BartForConditionalGeneration, got {type(model).__name__}")
+    config = bart_config_to_course(model.config)
+    _check_bart_weights(model)
+    lm_head = isinstance(model, BartForConditionalGeneration)
+    cls = CourseTransformerForSeq2SeqLM if lm_head else CourseTransformerModel
+    ours = _new_model(cls, config, model, attn_implementation)
+    _transfer(model, ours, bart_rules(config, lm_head=lm_head), lambda r: (r.theirs, r.ours, r.to_ours))
+    if lm_head:
+        # forced_eos_token_id, beams, length limits: what `generate` does belongs to the generation config.
+        ours.generation_config = copy.deepcopy(model.generation_config)
+    return ours
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Course Transformer -> Hugging Face
 # --------------------------------------------------------------------------------------------------------------
@@ -581,6 +845,28 @@ def to_gpt2(
             f"to_gpt2 takes CourseTransformerModel or CourseTransformerForCausalLM, got {type(model).__name__}"
         )
     _transfer(model, native, rules, lambda r: (r.ours, r.theirs, r.to_theirs))
+    return native
+
+
+def to_bart(
+    model: CourseTransformerModel | CourseTransformerForSeq2SeqLM, attn_implementation: str | None = "eager"
+) -> BartModel | BartForConditionalGeneration:
+    """Export a BART-shaped encoder-decoder: `CourseTransformerForSeq2SeqLM` -> `BartForConditionalGeneration`
+    (with a copy of our `GenerationConfig` and a zero `final_logits_bias`), the bare model -> `BartModel`."""
+    if not isinstance(model, (CourseTransformerModel, CourseTransformerForSeq2SeqLM)):
+        raise TypeError(
+            f"to_bart takes CourseTransformerModel or CourseTransformerForSeq2SeqLM, got {type(model).__name__}"
+        )
+    config = model.config
+    bart_config = course_config_to_bart(config)
+    lm_head = isinstance(model, CourseTransformerForSeq2SeqLM)
+    cls = BartForConditionalGeneration if lm_head else BartModel
+    native = _new_model(cls, bart_config, model, attn_implementation)
+    _transfer(model, native, bart_rules(config, lm_head=lm_head), lambda r: (r.ours, r.theirs, r.to_theirs))
+    if lm_head:
+        with torch.no_grad():
+            native.final_logits_bias.zero_()  # our head has no bias; BART adds this buffer to its logits
+        native.generation_config = copy.deepcopy(model.generation_config)
     return native
 
 
