@@ -435,7 +435,8 @@ def importance_correlations(
     progress: bool = False,
 ) -> dict:
     """Per target ("cls", "mean") and method, the Spearman correlation of the method's scores with the ablation
-    importance after each layer, averaged over texts: {target: {"spearman": {method: (L,)}, "num_texts": int}}."""
+    importance after each layer, averaged over texts: {target: {"spearman": {method: (L,)}, "num_texts": int,
+    "num_defined": {method: (L,)}}} (see the metric module's `mean_correlations`)."""
     from tqdm.auto import tqdm
 
     result = {}
@@ -444,6 +445,5 @@ def importance_correlations(
             method_scores(r, target, residual, flow)
             for r in tqdm(records, desc=f"rollout/flow ({target})", disable=not progress)
         ]
-        means, used = _rollout.mean_correlations(scores, [imp[target] for imp in importances])
-        result[target] = {"spearman": means, "num_texts": used}
+        result[target] = _rollout.mean_correlations(scores, [imp[target] for imp in importances])
     return result

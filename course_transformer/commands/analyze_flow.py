@@ -299,7 +299,7 @@ def plot_example(report: dict, folder: Path) -> str:
         ax.set_xticks([])
         ax.set_ylabel(method, fontsize=7)
     importance = np.asarray([example["importance_cls"][i] for i in scored])[None]  # (1, m)
-    axes[-1].imshow(importance / importance.max(), cmap="Reds", aspect="auto", vmin=0, vmax=1)
+    axes[-1].imshow(importance / max(importance.max(), 1e-12), cmap="Reds", aspect="auto", vmin=0, vmax=1)
     axes[-1].set_yticks([0], ["blank-out"], fontsize=7)
     axes[-1].set_xticks(range(len(tokens)), tokens, rotation=90, fontsize=7)
     fig.suptitle(f"{report['model']}\nscores read at [CLS] after each layer (rows scaled to their max)", fontsize=8)

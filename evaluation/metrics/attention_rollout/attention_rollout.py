@@ -42,7 +42,8 @@ Args:
 Returns:
     raw, rollout, flow: per text, an (L, n) list: the score of every input token after each layer ("raw" is the
     head-averaged attention of that layer alone); flow is absent without `flow`.
-    spearman: with `importance`, {method: (L,) mean over texts}, and num_correlated: texts with >= 3 scored tokens.
+    spearman: with `importance`, {method: (L,) mean over texts}; num_texts: texts whose importance has >= 3 scored,
+    not all equal tokens; num_defined: {method: (L,) texts where the method's scores were not constant}.
 Example:
     >>> metric = evaluate.load("evaluation/metrics/attention_rollout")
     >>> a = np.array([[[[1.0, 0.0], [1.0, 0.0]]]])  # L=1, H=1: both tokens attend to token 0
@@ -207,19 +208,31 @@ def text_scores(attention, output_position=0, residual: float = 0.5, flow: bool 
     return scores
 
 
-def mean_correlations(scores: list[dict[str, np.ndarray]], importance: list) -> tuple[dict[str, list], int]:
-    """{method: (L,) Spearman correlation averaged over texts}, and how many texts were averaged: those where every
-    method and layer has a correlation (so that every method is averaged over the same texts)."""
+def rankable(importance) -> bool:
+    """Whether an importance vector can be correlated at all: >= 3 finite entries that are not all equal."""
+    imp = np.asarray(importance, dtype=np.float64)
+    finite = imp[np.isfinite(imp)]
+    return len(finite) >= 3 and np.ptp(finite) > 0
+
+
+def mean_correlations(scores: list[dict[str, np.ndarray]], importance: list) -> dict:
+    """{"spearman": {method: (L,) mean over texts}, "num_texts": texts with a rankable importance,
+    "num_defined": {method: (L,) texts where the method's scores were not constant}}.
+
+    A method whose scores are constant over the scored tokens (e.g. a causal model's first position, which sees only
+    itself) has no ranking: that (text, layer) is left out of the mean, and `num_defined` says how often."""
+    used = [i for i, imp in enumerate(importance) if rankable(imp)]
     methods = list(scores[0]) if scores else []
-    values = {m: [] for m in methods}
-    for one, imp in zip(scores, importance, strict=True):
-        for m in methods:
-            values[m].append([spearman(row, imp) for row in one[m]])  # (L,)
-    arrays = {m: np.asarray(v, dtype=np.float64) for m, v in values.items()}  # (texts, L) each
-    valid = np.logical_and.reduce([np.all(np.isfinite(a), axis=1) for a in arrays.values()]) if methods else []
-    used = int(np.sum(valid))
-    means = {m: (a[valid].mean(axis=0) if used else np.full(a.shape[1], np.nan)).tolist() for m, a in arrays.items()}
-    return means, used
+    out = {"spearman": {}, "num_texts": len(used), "num_defined": {}}
+    for m in methods:
+        num_layers = len(scores[0][m])
+        values = np.asarray([[spearman(row, importance[i]) for row in scores[i][m]] for i in used], dtype=np.float64)
+        values = values.reshape(len(used), num_layers)  # (texts, L), also when no text is usable
+        defined = np.isfinite(values).sum(axis=0)  # (L,)
+        sums = np.where(np.isfinite(values), values, 0.0).sum(axis=0)
+        out["spearman"][m] = [float(s / d) if d else float("nan") for s, d in zip(sums, defined)]
+        out["num_defined"][m] = defined.tolist()
+    return out
 
 
 class AttentionRollout(evaluate.Metric):
@@ -251,5 +264,5 @@ class AttentionRollout(evaluate.Metric):
         per_text = [text_scores(a, output_position, residual, flow) for a in texts]
         result = {method: [s[method].tolist() for s in per_text] for method in (per_text[0] if per_text else [])}
         if importance is not None:
-            result["spearman"], result["num_correlated"] = mean_correlations(per_text, importance)
+            result.update(mean_correlations(per_text, importance))
         return result
