@@ -53,12 +53,15 @@ __all__ = [
     "lm_loss",
     "loss_metric",
     "normalize_by_layer",
+    "paraphrase_loss",
     "pruned_copy",
     "pruned_vs_masked",
     "pruning_curve",
     "pruning_keys",
     "random_scores",
     "rank_heads",
+    "retrieval_metric",
+    "sentence_embeddings",
     "translate",
 ]
 
@@ -169,10 +172,14 @@ def _is_causal_lm(model: nn.Module) -> bool:
 
 def gate_gradient(model: nn.Module, batch: Batch, gate_tensors: Scores, loss_fn: LossFn = lm_loss) -> Scores:
     """∂L/∂ξ (signed) of one batch's loss at the given gates; the model's parameters receive no gradient."""
+    return _gradient_and_count(model, batch, gate_tensors, loss_fn)[0]
+
+
+def _gradient_and_count(model: nn.Module, batch: Batch, gate_tensors: Scores, loss_fn: LossFn) -> tuple[Scores, int]:
     leaves = {group: gate.detach().clone().requires_grad_(True) for group, gate in gate_tensors.items()}
-    loss, _ = loss_fn(model, batch, forward_masks(model, leaves))
+    loss, count = loss_fn(model, batch, forward_masks(model, leaves))
     grads = torch.autograd.grad(loss, list(leaves.values()))  # only the gates' paths are differentiated
-    return dict(zip(leaves, grads, strict=True))
+    return dict(zip(leaves, grads, strict=True)), count
 
 
 def normalize_by_layer(scores: Scores) -> Scores:
@@ -202,24 +209,18 @@ def head_importance(
     was_training = model.training
     model.eval()  # no dropout: the importance of the model as it is used
     for batch in tqdm(list(batches), desc="importance", leave=False, disable=not progress):
-        grads = gate_gradient(model, batch, at, loss_fn)
-        count = _target_tokens(model, batch)  # the weight of this batch's mean in E_x
+        grads, count = _gradient_and_count(model, batch, at, loss_fn)  # count: the weight of this batch's mean
         for group, grad in grads.items():
             total[group] += count * grad.abs()  # (L, H)
         tokens += count
     model.train(was_training)
     if tokens == 0:
-        raise ValueError("head_importance: the batches hold no target tokens (every label is -100)")
+        raise ValueError("head_importance: the batches hold nothing to score (no target tokens, no pairs)")
     scores = {group: value / tokens for group, value in total.items()}
     for group, layer, head in removed:
         if group in scores:
             scores[group][layer, head] = 0.0
     return normalize_by_layer(scores) if normalize else scores
-
-
-def _target_tokens(model: nn.Module, batch: Batch) -> int:
-    labels = batch["labels"][:, 1:] if _is_causal_lm(model) else batch["labels"]
-    return int((labels != -100).sum())
 
 
 def random_scores(model: nn.Module, seed: int = 0, groups: Sequence[str] | None = None) -> Scores:
@@ -300,6 +301,44 @@ def bleu_metric(
     return metric
 
 
+def sentence_embeddings(model: nn.Module, inputs: Batch, masks: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean of the last hidden states over real tokens, L2-normalised (all-MiniLM-L6-v2's pooling): (B, C)."""
+    hidden = model(**inputs, **masks).last_hidden_state  # (B, T, C)
+    keep = inputs["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
+    pooled = (hidden * keep).sum(1) / keep.sum(1).clamp_min(1.0)  # (B, C)
+    return nn.functional.normalize(pooled, dim=-1)
+
+
+def paraphrase_loss(scale: float = 20.0) -> LossFn:
+    """In-batch contrastive loss of pair batches {"a": inputs, "b": inputs}: row i of a must pick row i of b among
+    the batch by scaled cosine (sentence-transformers' MultipleNegativesRankingLoss, scale 20), both directions.
+    Returns (mean loss, number of pairs)."""
+
+    def loss_fn(model: nn.Module, batch: Batch, masks: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+        a = sentence_embeddings(model, batch["a"], masks)  # (B, C)
+        b = sentence_embeddings(model, batch["b"], masks)  # (B, C)
+        scores = scale * a @ b.T  # (B, B): cosine of every a with every b
+        target = torch.arange(len(a))
+        loss = 0.5 * (nn.functional.cross_entropy(scores, target) + nn.functional.cross_entropy(scores.T, target))
+        return loss, len(a)
+
+    return loss_fn
+
+
+def retrieval_metric(batches: Sequence[Batch]) -> Metric:
+    """metric(model, masks) = share of a-sentences whose nearest b-sentence (cosine, over all pairs of every batch)
+    is their own pair: accuracy@1 of paraphrase retrieval (higher is better)."""
+
+    @torch.no_grad()
+    def metric(model: nn.Module, masks: dict[str, torch.Tensor]) -> float:
+        a = torch.cat([sentence_embeddings(model, batch["a"], masks) for batch in batches])  # (N, C)
+        b = torch.cat([sentence_embeddings(model, batch["b"], masks) for batch in batches])  # (N, C)
+        hits = (a @ b.T).argmax(dim=-1) == torch.arange(len(a))  # (N,)
+        return float(hits.double().mean())
+
+    return metric
+
+
 # ------------------------------------------------------------------------------------------------ experiments
 
 
@@ -320,10 +359,22 @@ def ablation_deltas(
 
 @torch.no_grad()
 def pruned_vs_masked(model: nn.Module, removed: Sequence[Head], batch: Batch) -> tuple[nn.Module, float]:
-    """(the pruned copy, max |logits(pruned) - logits(masked)|) on one batch: `prune_heads` must equal masking."""
+    """(the pruned copy, max |output(pruned) - output(masked)|) on one batch (logits, or the last hidden state of a
+    bare model): `prune_heads` must equal masking."""
     pruned = pruned_copy(model, removed)
-    masked = model(**batch, **forward_masks(model, gates(model, removed)), use_cache=False).logits
-    return pruned, float((pruned(**batch, use_cache=False).logits - masked).abs().max())
+    masked = _main_output(_call(model, batch, forward_masks(model, gates(model, removed))))
+    return pruned, float((_main_output(_call(pruned, batch, {})) - masked).abs().max())
+
+
+def _call(model: nn.Module, batch: Batch, masks: dict[str, torch.Tensor]):
+    """The forward on a batch; a pair batch ({"a": inputs, "b": inputs}) runs on its first side."""
+    inputs = batch.get("a", batch)
+    return model(**inputs, **masks, **({"use_cache": False} if model.config.has_decoder else {}))
+
+
+def _main_output(out) -> torch.Tensor:
+    logits = getattr(out, "logits", None)
+    return logits if logits is not None else out.last_hidden_state  # (B, T, V) or (B, T, C)
 
 
 def pruning_curve(

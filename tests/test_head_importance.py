@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
+import modeling
 from evaluation import head_importance as hi
-from tests.conftest import WORDS, build_tokenizer, tiny_model
+from tests.conftest import WORDS, build_tokenizer, tiny_config, tiny_model
 
 TOL = 1e-5  # fp32: pruning drops rows and columns, so pruned and masked outputs differ by rounding alone
 
@@ -53,6 +55,52 @@ def test_gate_gradient_matches_central_differences_in_fp64(architecture):
                 numeric = (loss(group, layer, head, eps) - loss(group, layer, head, -eps)) / (2 * eps)
                 assert abs(numeric - float(grad[layer, head])) < 1e-9, (group, layer, head)
     assert max(float(g.abs().max()) for g in grads.values()) > 1e-4  # the check is not comparing zeros
+
+
+def pair_batch(seed: int = 5, batch: int = 4, length: int = 7) -> dict:
+    """Two sides of seeded token rows, the second side's last row padded, for the in-batch contrastive loss."""
+    gen = torch.Generator().manual_seed(seed)
+    sides = {}
+    for name in ("a", "b"):
+        ids = torch.randint(3, 64, (batch, length), generator=gen)
+        mask = torch.ones_like(ids)
+        if name == "b":
+            mask[-1, -3:] = 0
+        sides[name] = {"input_ids": ids, "attention_mask": mask}
+    return sides
+
+
+def test_embedding_gate_gradient_matches_central_differences_in_fp64():
+    """The same check for a bare encoder under the paraphrase loss (mean pooling, cosine, in-batch softmax)."""
+    model = modeling.CourseTransformerModel(tiny_config("encoder", add_pooling_layer=False)).double().eval()
+    model.config._attn_implementation = "sdpa"
+    loss_fn, batch, eps = hi.paraphrase_loss(), pair_batch(), 1e-3
+    at = hi.gates(model)
+    grad = hi.gate_gradient(model, batch, at, loss_fn)["encoder.self"]
+
+    def loss(layer: int, head: int, delta: float) -> float:
+        moved = {"encoder.self": at["encoder.self"].clone()}
+        moved["encoder.self"][layer, head] += delta
+        with torch.no_grad():
+            return float(loss_fn(model, batch, hi.forward_masks(model, moved))[0])
+
+    for layer, head in np.ndindex(grad.shape):
+        numeric = (loss(layer, head, eps) - loss(layer, head, -eps)) / (2 * eps)
+        assert abs(numeric - float(grad[layer, head])) < 1e-9, (layer, head)
+    assert float(grad.abs().max()) > 1e-4
+
+
+def test_retrieval_metric_known_answers():
+    """Identical sides retrieve themselves (1.0); sides whose pairs are rotated by one retrieve none (0.0)."""
+    torch.manual_seed(0)
+    model = modeling.CourseTransformerModel(tiny_config("encoder", add_pooling_layer=False)).eval()
+    same = pair_batch()
+    same["b"] = same["a"]
+    assert hi.retrieval_metric([same])(model, {}) == 1.0
+    rotated = {"a": same["a"], "b": {k: v.roll(1, dims=0) for k, v in same["a"].items()}}
+    assert hi.retrieval_metric([rotated])(model, {}) == 0.0
+    loss, pairs = hi.paraphrase_loss()(model, same, {})
+    assert pairs == 4 and loss.item() < hi.paraphrase_loss()(model, rotated, {})[0].item()
 
 
 def silenced(architecture: str, layer: int, head: int):

