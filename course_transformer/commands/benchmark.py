@@ -2,8 +2,10 @@
 
     course-transformer benchmark --mode quick --output outputs/bench
     course-transformer benchmark --mode full --output outputs/bench-full   # bigger machines / GPU
+    course-transformer benchmark --mode decode --output outputs/bench-decode   # greedy decoding vs HF, ~10 min
 
-Writes bench.json, bench.md and PNG plots into --output. See evaluation/benchmark.py for the method.
+Writes bench.json, bench.md and PNG plots into --output. See evaluation/benchmark.py for the method (decode:
+evaluation/decode_bench.py).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -19,16 +22,19 @@ import torch
 
 from course_transformer.core.io import atomic_write_bytes
 from evaluation.benchmark import BenchSettings, profile_forward, run_benchmark
+from evaluation.decode_bench import DecodeSettings, run_decode_benchmark
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="course-transformer benchmark", description=__doc__.splitlines()[0])
     parser.add_argument(
         "--mode",
-        choices=("quick", "full", "tiny"),
+        choices=("quick", "full", "tiny", "decode", "decode-tiny"),
         default="quick",
         help="quick: reduced shapes, ~3 min on 2 CPU cores; full: GPT-2/BERT/BART-base depth; "
-        "tiny: seconds, for smoke tests",
+        "tiny: seconds, for smoke tests; decode: greedy decoding of the GPT-2-124M and BART-base shapes against "
+        "HF default and HF static cache + compile, with the memory-bandwidth limit (~10 min on 2 cores); "
+        "decode-tiny: the same on tiny shapes without compile, for smoke tests",
     )
     parser.add_argument("--output", required=True, help="folder for bench.json, bench.md and the plots")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: all CPUs)")
@@ -56,9 +62,27 @@ def write_profile(settings: BenchSettings, family: str, output: str) -> Path:
     return atomic_write_bytes(Path(output) / f"profile_{family.replace('-', '_')}.txt", text.encode())
 
 
+def run_decode(args: argparse.Namespace) -> int:
+    if args.families and "encoder" in args.families:
+        message = "--families for --mode decode: 'encoder' does not decode; allowed: decoder, encoder-decoder"
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+    overrides = {"threads": args.threads, "plots": not args.no_plots}
+    if args.repeats is not None:
+        overrides["repeats"] = args.repeats
+    if args.families:
+        overrides["families"] = tuple(args.families)
+    settings = DecodeSettings.smoke(**overrides) if args.mode == "decode-tiny" else DecodeSettings(**overrides)
+    report = run_decode_benchmark(settings, args.output)
+    print(f"{report['wall_seconds']:.1f} s; report: {os.path.join(args.output, 'bench.md')}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if args.mode.startswith("decode"):
+        return run_decode(args)
     overrides = {"threads": args.threads, "plots": not args.no_plots}
     if args.repeats is not None:
         overrides["repeats"] = args.repeats
