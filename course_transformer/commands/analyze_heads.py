@@ -14,8 +14,9 @@ For a saved course model (an English-French encoder-decoder, or a decoder LM) an
 The metric is greedy-decoding corpus BLEU (sacreBLEU) for an encoder-decoder and the mean token loss (nats) for a
 decoder (`--metric loss` gives the teacher-forced loss for an encoder-decoder too). An encoder (`ours-minilm`:
 all-MiniLM-L6-v2 converted to ours) is scored as a sentence embedder on verse pairs of two English Bibles
-(`--pair k,4`: KJV and WEB, the same verse): paraphrase retrieval accuracy@1 among the scored verses, with the
-in-batch contrastive loss (scale 20) as the L of the importance. Rows are taken evenly across the split's books.
+(`--pair k,4`: KJV and WEB, the same verse): paraphrase retrieval accuracy@1 among the scored verses, or
+(`--metric loss`) their in-batch contrastive loss (scale 20, batches of --batch-size), which is also the L of the
+importance. Rows are taken evenly across the split's books.
 
     course-transformer analyze heads runs/enfr-cpu/final --groups encoder.self --examples 300 \\
         --out runs/enfr-cpu/heads
@@ -43,7 +44,7 @@ from evaluation import head_importance as hi
 
 METRICS = ("bleu", "loss", "retrieval")
 NAMED_MODELS = ("ours-minilm",)
-UNITS = {"bleu": "BLEU", "loss": "mean token loss (nats)", "retrieval": "paraphrase retrieval accuracy@1"}
+UNITS = {"bleu": "BLEU", "loss": "mean loss (nats)", "retrieval": "paraphrase retrieval accuracy@1"}
 
 
 class _InputError(ValueError):
@@ -242,7 +243,7 @@ def check_counts(counts: list[int], spec: str | None) -> list[int]:
 
 def build_task(args, model, tokenizer, run_config: dict) -> dict:
     """The batches, loss and metric of the model's kind: translation, language modelling or sentence embedding."""
-    allowed = {"encoder-decoder": ("bleu", "loss"), "decoder": ("loss",), "encoder": ("retrieval",)}
+    allowed = {"encoder-decoder": ("bleu", "loss"), "decoder": ("loss",), "encoder": ("retrieval", "loss")}
     kind = model.config.architecture
     metric_name = args.metric or allowed[kind][0]
     if metric_name not in allowed[kind]:
@@ -262,7 +263,11 @@ def build_task(args, model, tokenizer, run_config: dict) -> dict:
             "eval_batches": eval_batches,
             "loss_fn": hi.paraphrase_loss(),
             "metric_name": metric_name,
-            "metric": hi.retrieval_metric(eval_batches),
+            "metric": (
+                hi.retrieval_metric(eval_batches)
+                if metric_name == "retrieval"
+                else hi.loss_metric(eval_batches, hi.paraphrase_loss())
+            ),
         }
     eval_rows, dataset = _rows(args, run_config, args.split, args.examples)
     imp_rows, _ = _rows(args, run_config, args.importance_split, args.importance_examples)
@@ -385,7 +390,7 @@ def markdown(report: dict) -> str:
     lines += [
         "## Pruning curve",
         "",
-        "| heads removed | share | metric | pruned model | max |logit diff| |",
+        "| heads removed | share | metric (masked) | metric (pruned model) | max abs output diff, pruned vs masked |",
         "|---" * 5 + "|",
     ]
     for point in report["curves"]["importance"]:
