@@ -14,10 +14,10 @@ import pytest
 import torch
 from conftest import padded, tiny_model
 from torch import nn
-from transformers import GPT2LMHeadModel
+from transformers import BartConfig, BartForConditionalGeneration, GPT2LMHeadModel
 
 import modeling
-from course_transformer.core.conversion import from_gpt2
+from course_transformer.core.conversion import from_bart, from_gpt2
 from evaluation.parity import randomize_
 from evaluation.tiny import tiny_gpt2_config
 from modeling.modeling_course_transformer import PackedLinear, fast_decoding_unavailable
@@ -37,10 +37,9 @@ def _pair(architecture: str = "decoder", backend: str = "sdpa", seed: int = 0):
 
 
 def _generate(model, ids, mask, **kwargs) -> torch.Tensor:
+    kwargs = {"pad_token_id": 0, **kwargs}
     with torch.inference_mode():
-        return model.generate(
-            input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0, **kwargs
-        )
+        return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False, **kwargs)
 
 
 def test_every_linear_is_packed_and_unpacked():
@@ -88,6 +87,25 @@ def test_fast_tokens_equal_hf_gpt2(backend):
     eos = config.eos_token_id
     theirs = _generate(reference, ids, mask, eos_token_id=eos)
     assert torch.equal(_generate(fast, ids, mask, eos_token_id=eos), theirs)
+
+
+@pytest.mark.parametrize("backend", ["eager", "sdpa"])
+def test_fast_tokens_equal_hf_bart_on_a_padded_source(backend):
+    config = BartConfig(
+        vocab_size=96, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64, dropout=0.0,
+        attention_dropout=0.0, activation_dropout=0.0, pad_token_id=1, bos_token_id=0, eos_token_id=2,
+        decoder_start_token_id=2, forced_eos_token_id=None,
+    )  # fmt: skip
+    config._attn_implementation = backend
+    torch.manual_seed(0)
+    reference = randomize_(BartForConditionalGeneration(config).eval())
+    fast = from_bart(reference, attn_implementation=backend).eval().enable_fast_decoding()
+    ids, mask = padded([7, 3, 5], side="right")
+    ids = ids.masked_fill(mask == 0, config.pad_token_id) + (ids > 0) * 3  # real tokens avoid the special ids
+    # No end of sequence, so that every row decodes all 8 tokens (random weights would stop some rows at once).
+    kwargs = {"pad_token_id": 1, "eos_token_id": None, "decoder_start_token_id": 2}
+    assert torch.equal(_generate(fast, ids, mask, **kwargs), _generate(reference, ids, mask, **kwargs))
 
 
 def test_attentions_and_head_mask_on_the_fast_path():
