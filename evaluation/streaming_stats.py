@@ -94,18 +94,18 @@ def _none_for_nan(value):
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _block_log_weights(
+def _block_weights(
     query: torch.Tensor,
-    key: torch.Tensor,
+    key_t: torch.Tensor,
     scaling: float,
     rows: torch.Tensor,
     causal: bool,
     key_mask: torch.Tensor | None,
     alibi_slopes: torch.Tensor | None,
 ) -> torch.Tensor:
-    """log P for the queries `rows`: (B, H, b, S) in fp32, masked entries −inf."""
-    scores = torch.matmul(query.float(), key.float().transpose(-1, -2)).mul_(scaling)  # (B, H, b, S)
-    cols = torch.arange(key.shape[2], device=key.device)  # (S,)
+    """P for the queries `rows` from Q (B, H, b, D) and Kᵀ (B, H, D, S) in fp32: (B, H, b, S), masked entries 0."""
+    scores = torch.matmul(query.float() * scaling, key_t)  # (B, H, b, S); scaled on Q: b·D values, not b·S
+    cols = torch.arange(key_t.shape[-1], device=key_t.device)  # (S,)
     if alibi_slopes is not None:
         distance = (rows[:, None] - cols[None, :]).abs().float()  # (b, S)
         scores -= alibi_slopes.float()[None, :, None, None] * distance  # (1, H, b, S)
@@ -113,11 +113,11 @@ def _block_log_weights(
         scores.masked_fill_(cols[None, :] > rows[:, None], float("-inf"))  # (b, S) broadcast
     if key_mask is not None:
         scores.masked_fill_(~key_mask[:, None, None, :], float("-inf"))  # (B, 1, 1, S)
-    # A query that sees no key (a padding query under left padding and causality) would be NaN; it is dropped
-    # from the means anyway, so give it uniform weights.
-    dead = torch.isinf(scores).all(-1, keepdim=True)  # (B, H, b, 1)
-    scores = scores.masked_fill(dead, 0.0)
-    return torch.log_softmax(scores, dim=-1)
+        # A query that sees no key (a padding query under left padding and causality) would be NaN; it is dropped
+        # from the means anyway, so give it uniform weights. (Causality alone always leaves query i its own key.)
+        dead = torch.isinf(scores).all(-1, keepdim=True)  # (B, H, b, 1)
+        scores.masked_fill_(dead, 0.0)
+    return torch.softmax(scores, dim=-1)
 
 
 def block_stats(
@@ -151,23 +151,44 @@ def block_stats(
     sums = {name: torch.zeros(batch, heads, device=query.device) for name in ("entropy", "distance", "first")}
     special = torch.zeros(batch, heads, device=query.device) if special_mask is not None else None
     received = torch.zeros(batch, heads, keys, device=query.device)
+    key_t = key.float().transpose(-1, -2)  # (B, H, D, S), once for all blocks
+    # One GEMM per block gives three row sums: Σ_j P_ij, Σ_j P_ij·j and Σ_j P_ij·special_j (the basis's columns).
+    basis = [torch.ones(batch, keys, device=query.device), key_pos.float().expand(batch, -1)]  # 2 x (B, S)
+    if special is not None:
+        basis.append(special_mask.to(query.device).float())
+    basis = torch.stack(basis, -1)[:, None]  # (B, 1, S, 2|3)
+    causal = causal and not cross
     for start in range(0, length, block_size):
         rows = torch.arange(start, min(start + block_size, length), device=query.device)  # (b,)
-        log_p = _block_log_weights(
-            query[:, :, rows], key, scaling, rows, causal and not cross, key_mask, alibi_slopes
+        # Causal queries start..end-1 see keys 0..end-1 only: the rest of the row is 0, so it is not computed
+        # (half the work over a whole sequence). Below, S stands for this visible width.
+        seen = int(rows[-1]) + 1 if causal else keys
+        p = _block_weights(
+            query[:, :, rows],
+            key_t[..., :seen],
+            scaling,
+            rows,
+            causal,
+            key_mask[:, :seen] if key_mask is not None else None,
+            alibi_slopes,
         )  # (B, H, b, S)
-        p = log_p.exp()
         valid = query_mask[:, rows] if query_mask is not None else torch.ones(batch, len(rows), dtype=torch.bool)
         valid = valid.to(query.device).float()[:, None, :]  # (B, 1, b)
-        entropy = -(p * log_p.masked_fill(p == 0, 0.0)).sum(-1)  # (B, H, b): 0 log 0 = 0
-        distance = (p * (rows[:, None] - key_pos[None, :]).abs().float()).sum(-1)  # (B, H, b)
-        sink = p.gather(-1, first.view(batch, 1, 1, 1).expand(-1, heads, len(rows), 1)).squeeze(-1)  # (B, H, b)
+        entropy = torch.special.entr(p).sum(-1)  # (B, H, b): −Σ p log p with 0 log 0 = 0
+        moments = torch.matmul(p, basis[:, :, :seen])  # (B, H, b, 2|3)
+        if causal:  # j ≤ i: Σ_j P_ij |i − j| = i·Σ_j P_ij − Σ_j P_ij·j, no (b, S) gap tensor
+            distance = rows.float() * moments[..., 0] - moments[..., 1]  # (B, H, b)
+        else:
+            distance = (p * (rows[:, None] - key_pos[None, :seen]).abs().float()).sum(-1)  # (B, H, b)
+        # A first token beyond the visible keys means every query of the block is padding (weight 0 below).
+        index = first.clamp(max=seen - 1).view(batch, 1, 1, 1).expand(-1, heads, len(rows), 1)  # (B, H, b, 1)
+        sink = p.gather(-1, index).squeeze(-1)  # (B, H, b)
         sums["entropy"] += (entropy * valid).sum(-1)
         sums["distance"] += (distance * valid).sum(-1)
         sums["first"] += (sink * valid).sum(-1)
         if special is not None:
-            special += ((p * special_mask[:, None, None, :].float()).sum(-1) * valid).sum(-1)  # (B, H)
-        received += (p * valid[..., None]).sum(2)  # (B, H, S)
+            special += (moments[..., 2] * valid).sum(-1)  # (B, H)
+        received[..., :seen] += torch.matmul(valid[:, :, None, :], p).squeeze(2)  # (B, 1, 1, b) @ (B, H, b, S)
     count = (query_mask.sum(-1) if query_mask is not None else torch.full((batch,), length)).float()  # (B,)
     count = count.clamp(min=1).to(query.device)[:, None]  # (B, 1)
     result = {
