@@ -42,7 +42,14 @@ def tiny_bart_config(**overrides) -> BartConfig:
 def tiny_bart(cls=BartForConditionalGeneration, seed: int = 0, backend: str = "eager", **overrides):
     config = tiny_bart_config(**overrides)
     config._attn_implementation = backend
-    return randomize_(cls(config), seed)
+    model = randomize_(cls(config), seed)
+    if not config.tie_word_embeddings:
+        # Untied, BART keeps `shared` as a separate, unread table equal to the encoder's (as set_input_embeddings
+        # leaves it); randomize_ made them differ, which from_bart refuses (see the refusal test).
+        base = model.model if cls is BartForConditionalGeneration else model
+        with torch.no_grad():
+            base.shared.weight.copy_(base.encoder.embed_tokens.weight)
+    return model
 
 
 def seq2seq_batch(seed: int = 1) -> dict[str, torch.Tensor]:
@@ -91,3 +98,191 @@ def test_bart_logits_match_on_a_padded_batch(backend):
     expected, got = reference(**batch), ours(**batch)
     assert max_diff(got.encoder_last_hidden_state, expected.encoder_last_hidden_state) <= TOL
     assert max_diff(got.logits, expected.logits) <= TOL
+
+
+@torch.no_grad()
+def test_bart_attentions_and_hidden_states_match_per_layer():
+    """Encoder self-, decoder self- and cross-attention weights of every layer, under our eager and sdpa paths
+    (ours returns exact weights under sdpa too), against BART's eager ones."""
+    reference = tiny_bart(seed=3)
+    batch = seq2seq_batch(seed=2)
+    expected = reference(**batch, output_attentions=True, output_hidden_states=True)
+    for backend in ("eager", "sdpa"):
+        ours = from_bart(reference, attn_implementation=backend)
+        got = ours(**batch, output_attentions=True, output_hidden_states=True)
+        for name in (
+            "encoder_attentions",
+            "decoder_attentions",
+            "cross_attentions",
+            "encoder_hidden_states",
+            "decoder_hidden_states",
+        ):
+            theirs, ours = getattr(expected, name), getattr(got, name)
+            assert len(theirs) == len(ours) > 0, name
+            for i, (x, y) in enumerate(zip(ours, theirs, strict=True)):
+                assert max_diff(x, y) <= TOL, f"{backend} {name}[{i}]"
+        # The padded source tokens get no cross-attention weight in any head.
+        assert got.cross_attentions[0][2, :, :, 4:].abs().max() == 0
+
+
+@torch.no_grad()
+def test_bart_base_model_converts_to_the_bare_encoder_decoder():
+    reference = tiny_bart(BartModel, seed=5)
+    ours = from_bart(reference)
+    assert type(ours) is modeling.CourseTransformerModel and ours.config.is_encoder_decoder
+    batch = seq2seq_batch(seed=3)
+    expected, got = reference(**batch), ours(**batch)
+    assert max_diff(got.last_hidden_state, expected.last_hidden_state) <= TOL
+    assert max_diff(got.encoder_last_hidden_state, expected.encoder_last_hidden_state) <= TOL
+
+
+def test_position_table_drops_bart_two_unread_rows():
+    reference = tiny_bart(seed=7)
+    ours = from_bart(reference)
+    for stack in ("encoder", "decoder"):
+        theirs = getattr(reference.model, stack).embed_positions.weight  # (P + 2, C)
+        table = getattr(ours.model, stack).embeddings.position_embeddings.weight  # (P, C)
+        assert theirs.shape[0] == MAX_POSITIONS + 2 and table.shape[0] == MAX_POSITIONS
+        assert torch.equal(table, theirs[2:])
+
+
+def sharpen_(model, factor: float = 4.0):
+    """Scale every projection matrix (not the embeddings): at randomize_'s 0.05 the attention is nearly uniform and
+    every source generates the same <eos> at once; scaled, the tokens depend on the source."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() == 2 and "embed" not in name and "shared" not in name:
+                param.mul_(factor)
+    return model
+
+
+@pytest.mark.parametrize("seed, tied", [(12, True), (11, False)])  # untied seed 11: one row stops early at <eos>
+def test_greedy_generation_gives_the_same_tokens_from_a_padded_source(seed, tied):
+    """KV-cached greedy decoding with the source mask; the generation config (BART's forced_eos_token_id) is
+    copied, so the defaults of `generate` agree too."""
+    reference = sharpen_(tiny_bart(seed=seed, tie_word_embeddings=tied))
+    ours = from_bart(reference)
+    assert ours.generation_config.forced_eos_token_id == EOS == reference.generation_config.forced_eos_token_id
+    batch = padded_batch(seed=4)  # source lengths 11, 7, 4
+    settings = dict(max_new_tokens=10, do_sample=False)
+    expected = reference.generate(**batch, **settings)
+    got = ours.generate(**batch, **settings)
+    assert torch.equal(got, expected)
+    # Not a vacuous match: ten new tokens, and each source row generated a different sequence.
+    assert expected.shape[1] == 11 and len({tuple(row.tolist()) for row in expected}) == 3
+
+
+@torch.no_grad()
+def test_left_padded_source_matches_with_bart_positions():
+    """BART numbers a left-padded source from the first pad; given those positions, ours agrees."""
+    reference = tiny_bart(seed=13)
+    ours = from_bart(reference)
+    batch = seq2seq_batch(seed=5)
+    batch["input_ids"], batch["attention_mask"] = batch["input_ids"].flip(-1), batch["attention_mask"].flip(-1)
+    expected = reference(**batch).logits
+    positions = torch.arange(batch["input_ids"].shape[1])[None]  # (1, T): what BART uses
+    assert max_diff(ours(**batch, position_ids=positions).logits, expected) <= TOL
+
+
+@torch.no_grad()
+def test_scaled_untied_bart_converts():
+    reference = tiny_bart(seed=17, scale_embedding=True, tie_word_embeddings=False, activation_function="relu")
+    ours = from_bart(reference)
+    assert ours.config.scale_embeddings and not ours.config.tie_word_embeddings and ours.config.hidden_act == "relu"
+    assert ours.lm_head.weight is not ours.model.encoder.embeddings.word_embeddings.weight
+    batch = seq2seq_batch(seed=6)
+    assert max_diff(ours(**batch).logits, reference(**batch).logits) <= TOL
+    native = to_bart(ours)
+    assert_state_dicts_bitwise_equal(from_bart(native), ours)
+    assert torch.equal(native.model.shared.weight, reference.model.shared.weight)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Export and round trips
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def zero_unread_position_rows_(model) -> None:
+    base = model.model if isinstance(model, BartForConditionalGeneration) else model
+    with torch.no_grad():
+        for stack in (base.encoder, base.decoder):
+            stack.embed_positions.weight[:2].zero_()
+
+
+@pytest.mark.parametrize("cls", [BartForConditionalGeneration, BartModel])
+def test_bart_round_trips_are_bitwise_exact(cls):
+    reference = tiny_bart(cls, seed=19)
+    ours = from_bart(reference)
+    native = to_bart(ours)
+    assert type(native) is cls
+    assert_state_dicts_bitwise_equal(from_bart(native), ours)  # ours -> BART -> ours: every tensor
+    # BART -> ours -> BART: the two unread position rows come back as zeros, everything else bitwise.
+    base = native.model if cls is BartForConditionalGeneration else native
+    for stack in (base.encoder, base.decoder):
+        assert stack.embed_positions.weight[:2].abs().max() == 0
+    zero_unread_position_rows_(reference)
+    assert_state_dicts_bitwise_equal(native, reference)
+    batch = seq2seq_batch(seed=7)
+    with torch.no_grad():
+        out = "logits" if cls is BartForConditionalGeneration else "last_hidden_state"
+        assert max_diff(getattr(native(**batch), out), getattr(ours(**batch), out)) <= TOL
+
+
+def test_the_benchmark_pair_is_one_architecture():
+    """evaluation/benchmark.py builds its BART reference and our BART-shaped model independently; the converter
+    maps one config onto the other."""
+    from evaluation.benchmark import BenchSettings, _ours_config, _ref_config
+
+    settings = BenchSettings.preset("tiny")
+    ours = _ours_config(settings, "encoder-decoder", "eager")
+    reference = _ref_config(settings, "encoder-decoder", "eager")
+    converted = bart_config_to_course(reference).to_dict()
+    expected = ours.to_dict()
+    ignored = {"transformers_version", "classifier_dropout", "sep_token_id", "mask_token_id"}
+    differences = {
+        k: (expected.get(k), converted.get(k))
+        for k in expected.keys() | converted.keys()
+        if k not in ignored and expected.get(k) != converted.get(k)
+    }
+    assert differences == {}
+    exported = course_config_to_bart(ours).to_dict()
+    reference_fields = reference.to_dict()
+    assert {
+        k: (reference_fields[k], exported.get(k))
+        for k in reference_fields
+        if k not in ignored | {"forced_eos_token_id", "classifier_dropout"} and reference_fields[k] != exported.get(k)
+    } == {}
+
+
+def test_our_own_seq2seq_model_exports_to_bart():
+    config = modeling.load_preset(
+        "vaswani-base",
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN_SIZE,
+        num_attention_heads=NUM_HEADS,
+        intermediate_size=48,
+        num_encoder_layers=1,
+        num_decoder_layers=3,
+        max_position_embeddings=MAX_POSITIONS,
+        position_encoding="learned",
+        embedding_layer_norm=True,
+        hidden_act="gelu_tanh",
+        layer_norm_eps=1e-5,  # the preset's 1e-6 is refused: BART's LayerNorms use 1e-5
+        hidden_dropout_prob=0.0,
+        attention_dropout_prob=0.0,
+        pad_token_id=PAD,
+        bos_token_id=BOS,
+        eos_token_id=EOS,
+        decoder_start_token_id=EOS,
+    )
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    ours = randomize_(modeling.CourseTransformerForSeq2SeqLM(config))
+    native = to_bart(ours)
+    assert (native.config.encoder_layers, native.config.decoder_layers, native.config.decoder_ffn_dim) == (1, 3, 48)
+    assert native.config.activation_function == "gelu_new" and native.config.scale_embedding  # the 2017 sqrt(d)
+    assert native.final_logits_bias.abs().max() == 0
+    batch = seq2seq_batch(seed=8)
+    with torch.no_grad():
+        assert max_diff(native(**batch).logits, ours(**batch).logits) <= TOL
+    assert_state_dicts_bitwise_equal(from_bart(native), ours)

@@ -924,6 +924,24 @@ def load_gpt2(path: str | Path, attn_implementation: str = "eager", **kwargs) ->
     return model.eval()
 
 
+def load_bart(
+    path: str | Path, attn_implementation: str = "eager", **kwargs
+) -> BartModel | BartForConditionalGeneration:
+    """Load a BART folder as `BartForConditionalGeneration`, or as `BartModel` when it was saved without the head."""
+    model_type, architectures = _architecture(Path(path))
+    if model_type != "bart":
+        raise ValueError(f"{path}: model_type={model_type!r}, expected 'bart'")
+    cls = BartModel if architectures == ["BartModel"] else BartForConditionalGeneration
+    model, info = cls.from_pretrained(
+        path, attn_implementation=attn_implementation, output_loading_info=True, **kwargs
+    )
+    # final_logits_bias is a buffer BART recreates as zeros when a folder lacks it; every other key must be there.
+    missing = [k for k in info["missing_keys"] if k != "final_logits_bias"]
+    if missing:
+        raise ValueError(f"{path}: the checkpoint lacks weights {sorted(missing)[:5]}")
+    return model.eval()
+
+
 def load_course(path: str | Path, attn_implementation: str = "eager", **kwargs) -> PreTrainedModel:
     """Load a course Transformer folder with the class named in its config (`architectures`), through the safe
     loader: missing, unexpected or mis-shaped weights raise `CheckpointError` instead of loading at random."""
@@ -966,15 +984,19 @@ def save_converted(
 
 @torch.no_grad()
 def max_output_difference(a: nn.Module, b: nn.Module, seed: int = 0, length: int = 12) -> float:
-    """Max |a - b| over the main output (logits, else last hidden state) of a random padded batch."""
+    """Max |a - b| over the main output (logits, else last hidden state) of a random padded batch (an
+    encoder-decoder's decoder reads the same tokens as its encoder)."""
     config = a.config
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, config.vocab_size, (2, length), generator=generator)
     mask = torch.ones_like(ids)
     mask[1, length // 2 :] = 0  # right padding in the second row
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    if config.is_encoder_decoder:
+        inputs.update(decoder_input_ids=ids, decoder_attention_mask=mask)
 
     def main_output(model):
-        out = model(input_ids=ids, attention_mask=mask)
+        out = model(**inputs)
         return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
 
     return (main_output(a).float() - main_output(b).float()).abs().max().item()
@@ -986,11 +1008,19 @@ def max_output_difference(a: nn.Module, b: nn.Module, seed: int = 0, length: int
 
 # Files one of which a tokenizer folder has; without any, transformers builds an empty GPT-2 tokenizer silently.
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "vocab.txt", "tokenizer.model", "spiece.model")
-# The course classes each export takes (`to_bert` / `to_gpt2` raise TypeError for the others).
+# The course classes each export takes (`to_bert` / `to_gpt2` / `to_bart` raise TypeError for the others).
 EXPORTABLE = {
     "to_bert": ("CourseTransformerModel", "CourseTransformerForMaskedLM"),
     "to_gpt2": ("CourseTransformerModel", "CourseTransformerForCausalLM"),
+    "to_bart": ("CourseTransformerModel", "CourseTransformerForSeq2SeqLM"),
 }
+# Each export's config translation (checked before any weight is read) and model conversion.
+EXPORTS = {
+    "to_bert": (course_config_to_bert, to_bert),
+    "to_gpt2": (course_config_to_gpt2, to_gpt2),
+    "to_bart": (course_config_to_bart, to_bart),
+}
+DIRECTIONS = ("from_bert", "from_gpt2", "from_bart", "to_bert", "to_gpt2", "to_bart")
 
 
 def check_source_folder(source: Path) -> None:
@@ -1016,7 +1046,7 @@ def check_convertible(direction: str, source: Path) -> int:
 
 def _check_export(direction: str, source: Path) -> int:
     config = read_config(source)
-    (course_config_to_bert if direction == "to_bert" else course_config_to_gpt2)(config)
+    EXPORTS[direction][0](config)
     cls = model_class_for(config)
     if cls.__name__ not in EXPORTABLE[direction]:
         allowed = " or ".join(EXPORTABLE[direction])
@@ -1033,6 +1063,9 @@ def _check_import(direction: str, source: Path) -> int:
     if family == "bert":
         config = BertConfig.from_pretrained(source)
         bert_config_to_course(config)
+    elif family == "bart":
+        config = BartConfig.from_pretrained(source)
+        bart_config_to_course(config)
     else:
         config = GPT2Config.from_pretrained(source)
         gpt2_config_to_course(config)
@@ -1069,14 +1102,17 @@ def load_and_convert(direction: str, source: Path) -> tuple[PreTrainedModel, Pre
     if direction == "from_gpt2":
         model = load_gpt2(source)
         return model, from_gpt2(model)
+    if direction == "from_bart":
+        model = load_bart(source)
+        return model, from_bart(model)
     model = load_course(source)
-    return model, (to_bert(model) if direction == "to_bert" else to_gpt2(model))
+    return model, EXPORTS[direction][1](model)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m course_transformer.core.conversion",
-        description="Convert between Hugging Face BERT/GPT-2 and the course Transformer.",
+        description="Convert between Hugging Face BERT/GPT-2/BART and the course Transformer.",
     )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument(
@@ -1085,8 +1121,12 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument(
         "--from-gpt2", metavar="PATH", type=Path, help="Hugging Face GPT-2 folder -> course Transformer"
     )
+    source.add_argument(
+        "--from-bart", metavar="PATH", type=Path, help="Hugging Face BART folder -> course Transformer"
+    )
     source.add_argument("--to-bert", metavar="PATH", type=Path, help="course Transformer folder -> Hugging Face BERT")
     source.add_argument("--to-gpt2", metavar="PATH", type=Path, help="course Transformer folder -> Hugging Face GPT-2")
+    source.add_argument("--to-bart", metavar="PATH", type=Path, help="course Transformer folder -> Hugging Face BART")
     parser.add_argument("--output", required=True, type=Path, help="folder to write (atomically)")
     parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     parser.add_argument(
@@ -1119,7 +1159,7 @@ def convert_folder(direction: str, source: Path, output: Path, overwrite: bool, 
 @contextlib.contextmanager
 def _quiet_transformers():
     """No loading bars or load reports on stderr: the command's refusal is its one line (missing weights are
-    refused by `load_bert` / `load_gpt2` with the keys the report would list)."""
+    refused by `load_bert` / `load_gpt2` / `load_bart` with the keys the report would list)."""
     from transformers.utils import logging as hf_logging
 
     bars, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
@@ -1135,7 +1175,7 @@ def _quiet_transformers():
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    direction = next(name for name in ("from_bert", "from_gpt2", "to_bert", "to_gpt2") if getattr(args, name))
+    direction = next(name for name in DIRECTIONS if getattr(args, name))
     source, with_tokenizer = getattr(args, direction), not args.no_tokenizer
     try:
         with _quiet_transformers():
