@@ -328,7 +328,8 @@ def streaming_attention_stats(
     layers: Sequence[int] | None = None,
     progress: bool = False,
 ) -> AttentionStats:
-    """Run `model(**inputs)` once (use_cache off) and return the statistics of every supported attention module.
+    """Run the model once (its base model, without the LM head; use_cache off) and return the statistics of every
+    supported attention module.
 
     `inputs` holds `input_ids` (and `attention_mask`, decoder inputs for a seq2seq model); `attention_mask` and
     `special_mask` (B, S) describe `input_ids`, the keys of self-attention and of cross-attention (the encoder's
@@ -378,8 +379,11 @@ def streaming_attention_stats(
         return hook
 
     handles = [m.register_forward_pre_hook(hook_for(n, a), with_kwargs=True) for n, m, a in modules]
+    # The base model (no LM head): the hooks see every attention module all the same, and a long input does not
+    # pay for T × vocabulary logits (16k tokens x 50k words in fp32: 3.3 GB).
+    body = getattr(model, "base_model", model)
     try:
-        model(**inputs, use_cache=False)
+        body(**inputs, use_cache=False)
     finally:
         for handle in handles:
             handle.remove()

