@@ -8,8 +8,9 @@ import torch
 from transformers import BartConfig, BartForConditionalGeneration, BartModel
 
 import modeling
+from course_transformer.core import conversion
 from course_transformer.core.conversion import bart_config_to_course, course_config_to_bart, from_bart, to_bart
-from evaluation.tiny import HIDDEN_SIZE, INTERMEDIATE_SIZE, MAX_POSITIONS, NUM_HEADS, NUM_LAYERS
+from evaluation.tiny import HIDDEN_SIZE, INTERMEDIATE_SIZE, MAX_POSITIONS, NUM_HEADS, NUM_LAYERS, tiny_config
 from tests.test_conversion import TOL, VOCAB, assert_state_dicts_bitwise_equal, padded_batch, randomize_
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -98,6 +99,9 @@ def test_bart_logits_match_on_a_padded_batch(backend):
     expected, got = reference(**batch), ours(**batch)
     assert max_diff(got.encoder_last_hidden_state, expected.encoder_last_hidden_state) <= TOL
     assert max_diff(got.logits, expected.logits) <= TOL
+    # The tolerance catches a small mistake: one cross-attention value bias off by 1e-3 moves the logits past it.
+    ours.model.decoder.layers[-1].cross_attn.v_proj.bias[0] += 1e-3
+    assert max_diff(ours(**batch).logits, expected.logits) > TOL
 
 
 @torch.no_grad()
@@ -286,3 +290,111 @@ def test_our_own_seq2seq_model_exports_to_bart():
     with torch.no_grad():
         assert max_diff(native(**batch).logits, ours(**batch).logits) <= TOL
     assert_state_dicts_bitwise_equal(from_bart(native), ours)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Refusals: field, value and what is allowed
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "overrides, field, value, allowed",
+    [
+        (dict(decoder_attention_heads=2), "BartConfig.decoder_attention_heads", "2", "encoder_attention_heads=4"),
+        (dict(decoder_ffn_dim=48), "BartConfig.decoder_ffn_dim", "48", "encoder_ffn_dim=64"),
+        (dict(activation_function="silu"), "BartConfig.activation_function", "'silu'", "supported: gelu"),
+        (dict(is_decoder=True), "BartConfig.is_decoder", "True", "only the encoder-decoder BART"),
+    ],
+)
+def test_bart_configs_we_cannot_hold_are_refused(overrides, field, value, allowed):
+    with pytest.raises(ValueError) as error:
+        bart_config_to_course(tiny_bart_config(**overrides))
+    message = str(error.value)
+    assert f"{field}={value}" in message and allowed in message, message
+
+
+def test_training_only_fields_convert_with_a_warning(caplog):
+    with caplog.at_level("WARNING", logger=conversion.__name__):
+        config = bart_config_to_course(tiny_bart_config(activation_dropout=0.1, encoder_layerdrop=0.2))
+    assert config.hidden_dropout_prob == 0.0
+    assert "activation_dropout=0.1" in caplog.text and "encoder_layerdrop=0.2" in caplog.text
+    assert "decoder_layerdrop" not in caplog.text  # zero: nothing dropped, nothing said
+
+
+def test_non_zero_final_logits_bias_is_refused_before_building():
+    reference = tiny_bart(seed=23)
+    with torch.no_grad():
+        reference.final_logits_bias[0, 5] = 0.5
+    with pytest.raises(ValueError, match=r"final_logits_bias=.*max \|b\| = 0\.5.*only an all-zero"):
+        from_bart(reference)
+
+
+def test_untied_shared_table_that_differs_is_refused():
+    reference = tiny_bart(seed=29, tie_word_embeddings=False)
+    with torch.no_grad():
+        reference.model.shared.weight[0, 0] += 1.0
+    with pytest.raises(ValueError, match="shared.weight=.*must equal encoder.embed_tokens"):
+        from_bart(reference)
+
+
+def _bart_shaped(**fields) -> modeling.CourseTransformerConfig:
+    """The tiny encoder-decoder with BART's choices (post-norm and eps 1e-5 are the config's defaults)."""
+    bart = dict(architecture="encoder-decoder", vocab_size=VOCAB, embedding_layer_norm=True, scale_embeddings=False)
+    return tiny_config(**{**bart, **fields})
+
+
+@pytest.mark.parametrize(
+    "fields, field, value",
+    [
+        (dict(architecture="decoder"), "architecture", "'decoder'"),
+        (dict(norm_placement="pre"), "norm_placement", "'pre'"),
+        (dict(position_encoding="sinusoidal"), "position_encoding", "'sinusoidal'"),
+        (dict(position_encoding="rope"), "position_encoding", "'rope'"),
+        (dict(embedding_layer_norm=False), "embedding_layer_norm", "False"),
+        (dict(type_vocab_size=2), "type_vocab_size", "2"),
+        (dict(use_bias=False), "use_bias", "False"),
+        (dict(layer_norm_eps=1e-6), "layer_norm_eps", "1e-06"),
+        (dict(pruned_heads={"encoder.0.self": [1]}), "pruned_heads", "{'encoder.0.self': [1]}"),
+    ],
+)
+def test_course_configs_bart_cannot_express_are_refused(fields, field, value):
+    assert course_config_to_bart(_bart_shaped()).d_model == HIDDEN_SIZE  # the base case exports
+    with pytest.raises(ValueError) as error:
+        course_config_to_bart(_bart_shaped(**fields))
+    message = str(error.value)
+    assert f"{field}={value} in BART" in message, message
+
+
+def test_wrong_model_classes_are_type_errors():
+    with pytest.raises(TypeError, match="from_bart takes BartModel or BartForConditionalGeneration"):
+        from_bart(modeling.CourseTransformerModel(_bart_shaped()))
+    config = _bart_shaped(architecture="decoder")
+    with pytest.raises(TypeError, match="to_bart takes CourseTransformerModel or CourseTransformerForSeq2SeqLM"):
+        to_bart(modeling.CourseTransformerForCausalLM(config))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_cli_converts_bart_folders_both_ways(tmp_path, capsys):
+    reference = tiny_bart(seed=31)
+    zero_unread_position_rows_(reference)  # so that the folder round trip is bitwise in every tensor
+    reference.save_pretrained(tmp_path / "bart")
+    args = ["--from-bart", str(tmp_path / "bart"), "--output", str(tmp_path / "ours"), "--no-tokenizer"]
+    assert conversion.main(args) == 0
+    assert "BartForConditionalGeneration" in capsys.readouterr().out
+    ours = modeling.CourseTransformerForSeq2SeqLM.from_pretrained(tmp_path / "ours", attn_implementation="eager")
+    assert ours.generation_config.forced_eos_token_id == EOS  # generation_config.json travelled
+    batch = seq2seq_batch(seed=9)
+    with torch.no_grad():
+        assert max_diff(ours(**batch).logits, reference(**batch).logits) <= TOL
+    args = ["--to-bart", str(tmp_path / "ours"), "--output", str(tmp_path / "back"), "--no-tokenizer"]
+    assert conversion.main(args) == 0
+    back = BartForConditionalGeneration.from_pretrained(tmp_path / "back", attn_implementation="eager")
+    assert_state_dicts_bitwise_equal(back, reference)
+    # A BART-shaped model is not a GPT-2: exit 2 naming the field, nothing written.
+    assert conversion.main(["--to-gpt2", str(tmp_path / "ours"), "--output", str(tmp_path / "gpt2")]) == 2
+    assert "architecture='encoder-decoder'" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["back", "bart", "ours"]
