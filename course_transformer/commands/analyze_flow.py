@@ -51,21 +51,21 @@ PAPERS = {
     "kobayashi": {
         "citation": "Kobayashi, Kuribayashi, Yokoi, Inui (2020), Attention is Not Only a Weight: Analyzing "
         "Transformers with Vector Norms, EMNLP, Section 4",
-        "setting": "BERT-base (12 layers x 12 heads), data following Clark et al. (2019) (we did not re-check the "
-        "exact data setting)",
+        "setting": "BERT-base (12 layers x 12 heads); we did not re-check the paper's exact data setting",
         "claim": "contrary to weight-based studies, BERT pays poor attention to special tokens once the norms of "
-        "the transformed vectors ‖f(x)‖ are counted (abstract, finding i); the tokens that get large weights "
-        "([SEP], [CLS], punctuation) have small ‖f(x)‖, so weight and norm cancel (Section 4)",
+        "the transformed vectors ‖f(x)‖ are counted (abstract, finding i); as we recall Section 4 (not re-read in "
+        "this session), the tokens given large weights, [SEP] above all, have small ‖f(x)‖, so weight and norm "
+        "cancel",
         "numbers": "the per-layer values are in the paper's figures; we could not read them in this session, so no "
         "number is quoted",
     },
     "abnar": {
         "citation": "Abnar & Zuidema (2020), Quantifying Attention Flow in Transformers, ACL, pages 4190-4197",
-        "setting": "blank-out importance (a token replaced, change of the predicted class) and input gradients; a "
-        "6-layer encoder on subject-verb agreement and pretrained BERT/DistilBERT models (Tables 1-2)",
+        "setting": "blank-out importance (input tokens replaced, change of the prediction) and input gradients; "
+        "from memory and the authors' repository file names (bert_sv, distilbert_sst), a subject-verb agreement "
+        "model and BERT/DistilBERT on SST-2: not re-checked in this session",
         "claim": "compared to raw attention, both rollout and flow yield higher correlations with importance scores "
-        "of input tokens obtained using an ablation method and input gradients (abstract); raw attention's "
-        "correlation falls in the higher layers, where information is mixed",
+        "of input tokens obtained using an ablation method and input gradients (abstract)",
         "numbers": "their tables give Spearman correlations per layer; we could not read the tables in this "
         "session, so no number is quoted",
     },
@@ -268,16 +268,17 @@ def plot_correlations(report: dict, folder: Path) -> str:
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), sharey=True)
     for ax, target, title in zip(axes, ("cls", "mean"), ("final [CLS] state", "mean-pooled embedding")):
         block = report["correlations"][target]
-        for method in METHODS:
+        for color, method in enumerate(METHODS):  # one colour per method in both panels
             values = block["spearman"].get(method)
             if values is not None:
-                ax.plot(range(1, len(values) + 1), values, "o-", label=METHOD_LABELS[method], markersize=4)
+                xs = range(1, len(values) + 1)
+                ax.plot(xs, values, "o-", color=f"C{color}", label=METHOD_LABELS[method], markersize=4)
         ax.axhline(0, color="grey", linewidth=0.6)
         ax.set_title(f"importance for the {title} ({block['num_texts']} sentences)", fontsize=9)
         ax.set_xlabel("layer")
         ax.set_ylim(-1, 1)
     axes[0].set_ylabel("mean Spearman ρ")
-    axes[1].legend(fontsize=7, loc="lower right")
+    axes[0].legend(fontsize=7, loc="lower right")  # the [CLS] panel has every method (flow included)
     fig.suptitle(report["model"], fontsize=9)
     return _save(fig, folder, "correlations.png")
 
@@ -310,6 +311,11 @@ def _f(value, digits: int = 2) -> str:
     return "-" if value is None or (isinstance(value, float) and not np.isfinite(value)) else f"{value:.{digits}f}"
 
 
+def _paper_line(paper: dict) -> str:
+    numbers = paper["numbers"][:1].upper() + paper["numbers"][1:]
+    return f"Paper ({paper['citation']}; {paper['setting']}): {paper['claim']}. {numbers}."
+
+
 def render_markdown(report: dict) -> str:
     text = report["text"]
     lines = [
@@ -339,7 +345,7 @@ def render_markdown(report: dict) -> str:
             + f" | {_f(f['cls'])} | {_f(f['sep'])} | {_f(f['other'])} |"
         )
     k = report["papers"]["kobayashi"]
-    lines += ["", f"Paper ({k['citation']}; {k['setting']}): {k['claim']}. {k['numbers'].capitalize()}.", ""]
+    lines += ["", _paper_line(k), ""]
     lines += [
         "## (b) Rollout and flow vs raw attention against blank-out importance (Abnar & Zuidema 2020)",
         "",
@@ -368,7 +374,7 @@ def render_markdown(report: dict) -> str:
             "",
         ]
     a = report["papers"]["abnar"]
-    lines += [f"Paper ({a['citation']}; {a['setting']}): {a['claim']}. {a['numbers'].capitalize()}.", ""]
+    lines += [_paper_line(a), ""]
     lines += ["## Figures", ""] + [f"![{name}]({name})" for name in report.get("figures", [])]
     return "\n".join(lines) + "\n"
 
