@@ -278,7 +278,8 @@ def plot_correlations(report: dict, folder: Path) -> str:
         ax.set_xlabel("layer")
         ax.set_ylim(-1, 1)
     axes[0].set_ylabel("mean Spearman ρ")
-    axes[0].legend(fontsize=7, loc="lower right")  # the [CLS] panel has every method (flow included)
+    # Every method (flow included) is in the [CLS] panel; the legend sits in the empty lower half of the other.
+    axes[1].legend(*axes[0].get_legend_handles_labels(), fontsize=7, loc="lower right")
     fig.suptitle(report["model"], fontsize=9)
     return _save(fig, folder, "correlations.png")
 
