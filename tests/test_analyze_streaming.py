@@ -74,6 +74,8 @@ def _assert_matches(report: dict, reference: list[dict]) -> None:
 def test_ours_report_equals_full_weights(backend, ours_folder, text_file, tokenizer, tmp_path):
     report = _report(ours_folder, text_file, tmp_path / "out", "--attn-implementation", backend)
     assert report["backend"] == backend and report["tokens"] == TOKENS and report["first_k"] == 4
+    harmonic = sum(1 / i for i in range(1, TOKENS + 1))
+    assert report["uniform_causal"]["first_token_mass"] == pytest.approx(harmonic / TOKENS, rel=1e-12)
     model = tiny_model(position_encoding="rope")
     _assert_matches(report, _reference(model, tokenizer, text_file))
     memory = report["memory"]

@@ -238,6 +238,12 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
         "heads": heads,
         "stats": stats.to_dict(),
         "first_k": first_k,
+        # What attention spread evenly over the visible keys would give (query i of a decoder sees i + 1 keys):
+        # the level a real sink must stand out from.
+        "uniform_causal": {
+            "first_token_mass": sum(1 / (i + 1) for i in range(length)) / length,
+            "first_k_mass": sum(min(first_k, i + 1) / (i + 1) for i in range(length)) / length,
+        },
         "first_k_mass": {
             "per_head": _nan_to_none(first_k_mass.nanmean(1).tolist()),
             "per_layer": _nan_to_none(first_k_mass.nanmean((1, 2)).tolist()),
@@ -329,6 +335,10 @@ def render_markdown(report: dict) -> str:
         "",
         f"Peak resident memory added by the forward: {_mib(memory['forward_peak_added_bytes'])} (the full weights "
         f"of every layer would be {_mib(memory['full_weights_bytes'])} in fp32).",
+        "",
+        f"Uniform causal attention (query i spread over its i + 1 keys) would put "
+        f"{report['uniform_causal']['first_token_mass']:.3f} on the first token and "
+        f"{report['uniform_causal']['first_k_mass']:.3f} on the first {report['first_k']}.",
         "",
         f"| layer | first token | first {report['first_k']} tokens | special tokens "
         f"({report['special_tokens_in_text']} in the text) | entropy (nats) "
