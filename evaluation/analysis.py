@@ -37,7 +37,14 @@ from course_transformer.core.io import atomic_write_dir
 logger = logging.getLogger(__name__)
 
 METRICS_DIR = Path(__file__).resolve().parent / "metrics"
-METRIC_NAMES = ("attention_entropy", "attention_distance", "attention_targets", "head_agreement", "induction_score")
+METRIC_NAMES = (
+    "attention_entropy",
+    "attention_distance",
+    "attention_targets",
+    "head_agreement",
+    "induction_score",
+    "attention_rollout",
+)
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_NAMES = ("bert-minilm", "ours-minilm", "smollm2", "ours-tiny")
 
