@@ -40,6 +40,9 @@ def test_python_blocks_run_in_order(tmp_path, monkeypatch):
     ids, gpt2, back = namespace["ids"], namespace["gpt2"], namespace["back"]
     assert (namespace["course"](ids).logits - gpt2(ids).logits).abs().max().item() <= 1e-5
     assert all(torch.equal(a, b) for a, b in zip(gpt2.state_dict().values(), back.state_dict().values()))
+    # The fast decoding block: the packed model's greedy tokens are GPT-2's.
+    expected = gpt2.generate(ids[:1, :4], max_new_tokens=8, do_sample=False)
+    assert torch.equal(namespace["tokens"], expected) and not namespace["fast"].fast_decoding_enabled
 
 
 def test_shell_blocks_name_real_commands_files_and_modules():
