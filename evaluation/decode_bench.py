@@ -249,6 +249,30 @@ def _static_compile(reference: nn.Module, family: str, prompt: torch.Tensor, set
     return row, tokens
 
 
+def _prefill(settings: DecodeSettings, models: dict[str, nn.Module], prompt: torch.Tensor) -> dict[str, Any]:
+    """One forward over the prompt (the encoder-decoder: the source and the start token), every variant
+    round-robin; seconds and the ratio to HF's."""
+
+    def forward_fn(model: nn.Module) -> Callable[[], Any]:
+        inputs = {"input_ids": prompt, "attention_mask": torch.ones_like(prompt)}
+        if model.config.is_encoder_decoder:
+            inputs["decoder_input_ids"] = torch.full((prompt.shape[0], 1), 2)
+
+        def call() -> Any:
+            with torch.inference_mode():
+                return model(**inputs)
+
+        return call
+
+    fns = [forward_fn(model) for model in models.values()]
+    samples = interleaved(fns, settings.warmup, 3 * settings.repeats, torch.device("cpu"))
+    hf = statistics.median(samples[0])
+    return {
+        name: {"seconds": summarize(seconds), "vs_hf": statistics.median(seconds) / hf}
+        for name, seconds in zip(models, samples, strict=True)
+    }
+
+
 def measure_batch(
     settings: DecodeSettings, family: str, models: dict[str, nn.Module], batch: int, limit_steps: float
 ) -> dict[str, Any]:
@@ -276,6 +300,7 @@ def measure_batch(
         row["share_of_limit"] = rate / limit
         row["tokens_equal_hf"] = tokens[name] is not None and torch.equal(tokens[name], tokens["hf"])
     row = {"batch": batch, "limit_tokens_per_s": limit, "variants": variants}
+    row["prefill"] = _prefill(settings, models, prompt)
     if settings.profile:
         row["profile"] = {name: _top_ops(fns[name]) for name in ("hf", "ours_fast")}
     return row
@@ -397,6 +422,15 @@ def render_markdown(report: dict[str, Any]) -> str:
         for batch in family["batches"]:
             for name, row in batch["variants"].items():
                 lines.append(_variant_line(family["family"], batch["batch"], name, row))
+    lines += ["", "Prefill (one forward over the prompt), seconds median and ours / HF (time: ≤ 1 is not slower):", ""]
+    lines += ["| family | batch | HF | ours | ours fast |", "|---|---|---|---|---|"]
+    for family in report["families"]:
+        for batch in family["batches"]:
+            cells = [
+                f"{row['seconds']['median'] * 1e3:.1f} ms" + ("" if name == "hf" else f" ({row['vs_hf']:.2f})")
+                for name, row in batch["prefill"].items()
+            ]
+            lines.append(f"| {family['family']} | {batch['batch']} | " + " | ".join(cells) + " |")
     lines += ["", "Weights read per step and limits:", ""]
     for family in report["families"]:
         limits = ", ".join(f"batch {b['batch']}: {b['limit_tokens_per_s']:.1f} tokens/s" for b in family["batches"])
