@@ -232,6 +232,7 @@ def _write_json(path: str, data: dict) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     with tempfile.NamedTemporaryFile("w", dir=folder, suffix=".tmp", delete=False) as fh:
         json.dump(data, fh, indent=2)
+    os.chmod(fh.name, 0o644)  # NamedTemporaryFile creates 0600; the report is meant to be read by others
     os.replace(fh.name, path)
 
 

@@ -123,6 +123,8 @@ def load_model(name: str, backend: str | None):
     from evaluation.analysis import load_named_model, prepare_tokenizer
 
     model, tokenizer, label = _tiny_rope_model() if name == "ours-tiny-rope" else load_named_model(name)
+    if Path(name).exists():
+        label = str(name)  # the folder as given: "final" alone says little
     ours = getattr(model.config, "model_type", None) == "course_transformer"
     backend = backend or ("sdpa" if ours else "eager")
     if ours:
@@ -283,6 +285,7 @@ def plot_sink_mass(report: dict) -> bytes:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     per_layer = report["stats"]["per_layer"]["first_token_mass"]
     per_head = report["stats"]["per_head"]["first_token_mass"]  # (L, H) with None for pruned heads
@@ -299,6 +302,10 @@ def plot_sink_mass(report: dict) -> bytes:
         color="tab:orange",
         label=f"first {report['first_k']} tokens (mean of heads)",
     )
+    uniform = report.get("uniform_causal")
+    if uniform is not None:
+        ax.axhline(uniform["first_token_mass"], color="gray", linestyle=":", label="first token, uniform causal")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_xlabel("layer")
     ax.set_ylabel("attention mass per query")
     ax.set_ylim(-0.02, 1.02)
