@@ -3,7 +3,7 @@
     python -m scripts.lse_weights_report            # exactness cases + T=1024 cost (quick benchmark's decoder)
     python -m scripts.lse_weights_report --repeats 5 --json out.json
 
-Part 1, exactness: the same seeded tiny models as tests/test_lse_weights.py, eager vs sdpa (lse path), max |Δ| over
+Part 1, exactness: seeded tiny models like those of tests/test_lse_weights.py, eager vs sdpa (lse path), max |Δ| over
 every recorded weight. Part 2, cost: the quick benchmark's `attention_output_cost` decoder (GPT-2 width, 4 layers,
 T=1024, batch 1, sdpa) timed interleaved: the fast forward, `output_attentions=True` on all layers through the lse
 path ("after") and through eager math ("before", the previous behaviour, by routing the recorded layers to
@@ -60,17 +60,45 @@ def eager_recorded_layers():
         mct.lse_attention_forward = saved
 
 
+def _tiny_model(architecture: str, backend: str, **fields):
+    """The tests' seeded tiny model (evaluation.tiny's config, seed 0) with its architecture's LM head."""
+    import modeling
+    from evaluation.tiny import tiny_config
+
+    heads = {
+        "decoder": modeling.CourseTransformerForCausalLM,
+        "encoder": modeling.CourseTransformerForMaskedLM,
+        "encoder-decoder": modeling.CourseTransformerForSeq2SeqLM,
+    }
+    config = tiny_config(architecture, **fields)
+    config._attn_implementation = backend
+    torch.manual_seed(0)
+    return heads[architecture](config).eval()
+
+
+def _left_padded(lengths: list[int], vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded token ids (B, T) left-padded with 0, and their 0/1 mask."""
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.zeros(len(lengths), max(lengths), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, n in enumerate(lengths):
+        ids[row, ids.shape[1] - n :] = torch.randint(3, vocab, (n,), generator=generator)
+        mask[row, ids.shape[1] - n :] = 1
+    return ids, mask
+
+
 @torch.no_grad()
 def exactness() -> dict[str, float]:
     """Max |lse − eager| over every recorded weight tensor, per case."""
-    from tests.conftest import model_inputs, padded, tiny_model
-
     result = {}
     for name, case in EXACTNESS_CASES.items():
-        fields = {k: v for k, v in case.items() if k != "lengths"}
-        eager, fast = tiny_model(**fields), tiny_model(attn_implementation="sdpa", **fields)
-        ids, mask = padded(case["lengths"], side="left")
-        inputs = model_inputs(eager, ids, mask, output_attentions=True)
+        fields = {k: v for k, v in case.items() if k not in ("lengths", "architecture")}
+        eager = _tiny_model(case["architecture"], "eager", **fields)
+        fast = _tiny_model(case["architecture"], "sdpa", **fields)
+        ids, mask = _left_padded(case["lengths"], eager.config.vocab_size)
+        inputs = {"input_ids": ids, "attention_mask": mask, "output_attentions": True}
+        if eager.config.is_encoder_decoder:
+            inputs["decoder_input_ids"] = torch.tensor([[1, 5, 9, 13]]).expand(ids.shape[0], -1)
         a, b = eager(**inputs), fast(**inputs)
         names = ("attentions", "encoder_attentions", "decoder_attentions", "cross_attentions")
         pairs = [(x, y) for n in names for x, y in zip(getattr(a, n, None) or (), getattr(b, n, None) or ())]
