@@ -60,6 +60,7 @@ class DecodeSettings:
     repeats: int = 3
     bandwidth_mib: int = 1024
     tiny: bool = False  # seconds-long shapes for the smoke test
+    layouts: tuple[str, ...] = ("transposed", "packed")  # extra rows with one layout forced on every weight
     profile: bool = True
     plots: bool = True
     seed: int = 0
@@ -67,6 +68,7 @@ class DecodeSettings:
     @classmethod
     def smoke(cls, **overrides: Any) -> DecodeSettings:
         fields = dict(tiny=True, batches=(1, 2), compile_batches=(), new_tokens=4, repeats=1, bandwidth_mib=64)
+        fields["layouts"] = ("transposed",)
         return cls(**{**fields, **overrides})
 
 
@@ -99,9 +101,11 @@ def gemv_rates(shapes: list[tuple[int, int]], budget_mib: int = 256, repeats: in
         copies = max(2, budget_mib * 2**20 // (out_features * in_features * 4))
         weights = [torch.randn(out_features, in_features) for _ in range(copies)]
         packed = [_PACK_LINEAR_WEIGHT(w, 1) for w in weights]
+        transposed = [w.t().contiguous() for w in weights]  # (in, out)
         x = torch.randn(1, 1, in_features)
         kernels = {
             "F.linear": lambda i, x=x, w=weights: F.linear(x, w[i]),
+            "x @ Wt": lambda i, x=x, w=transposed: torch.mm(x[0], w[i]),
             "oneDNN packed": lambda i, x=x, p=packed: _PACKED_LINEAR(x, p[i], None, "none", [], ""),
         }
         total = copies * weights[0].nbytes
@@ -309,8 +313,10 @@ def measure_batch(
 def measure_family(settings: DecodeSettings, family: str, bandwidth: float) -> dict[str, Any]:
     reference = reference_model(family, settings.tiny, settings.seed)
     ours = ours_from(reference)
-    fast = copy.deepcopy(ours).enable_fast_decoding()
+    fast = copy.deepcopy(ours).enable_fast_decoding()  # "auto": the layout per weight shape timed here
     models = {"hf": reference, "ours": ours, "ours_fast": fast}
+    for layout in settings.layouts:  # each forced layout: what it buys alone
+        models[f"ours_{layout}"] = copy.deepcopy(ours).enable_fast_decoding(layout)
     step_bytes = bytes_per_step(ours)
     batches = []
     for batch in settings.batches:
@@ -321,6 +327,7 @@ def measure_family(settings: DecodeSettings, family: str, bandwidth: float) -> d
         "reference": REFERENCE[family],
         "parameters": sum(p.numel() for p in ours.parameters()),
         "bytes_per_step": step_bytes,
+        "fast_decoding_layouts": fast.fast_decoding_layouts,
         "batches": batches,
     }
 
@@ -379,6 +386,8 @@ VARIANT_NAMES = {
     "hf_static_compile": "HF static + compile",
     "ours": "ours",
     "ours_fast": "ours, enable_fast_decoding()",
+    "ours_transposed": 'ours, enable_fast_decoding("transposed")',
+    "ours_packed": 'ours, enable_fast_decoding("packed")',
 }
 
 
@@ -436,13 +445,15 @@ def render_markdown(report: dict[str, Any]) -> str:
         limits = ", ".join(f"batch {b['batch']}: {b['limit_tokens_per_s']:.1f} tokens/s" for b in family["batches"])
         lines.append(
             f"- {family['family']} ({family['reference']}, {family['parameters'] / 1e6:.1f} M parameters): "
-            f"{family['bytes_per_step'] / 1e6:.0f} MB per step; limit {limits}"
+            f"{family['bytes_per_step'] / 1e6:.0f} MB per step; limit {limits}; layouts chosen by "
+            f"enable_fast_decoding(): {family['fast_decoding_layouts']}"
         )
     lines += ["", "GEMV streaming rate (one row times an out-of-cache weight, GB/s):", ""]
-    lines += ["| weight (out, in) | F.linear | oneDNN packed |", "|---|---|---|"]
+    lines += ["| weight (out, in) | F.linear (plain) | x @ Wᵀ (transposed) | oneDNN packed |", "|---|---|---|---|"]
     for row in report["gemv"]:
         shape = f"{row['shape'][0]} × {row['shape'][1]}"
-        lines.append(f"| {shape} | {row['F.linear'] / 1e9:.1f} | {row['oneDNN packed'] / 1e9:.1f} |")
+        rates = " | ".join(f"{row[k] / 1e9:.1f}" for k in ("F.linear", "x @ Wt", "oneDNN packed"))
+        lines.append(f"| {shape} | {rates} |")
     lines += _profile_lines(report)
     return "\n".join(lines) + "\n"
 
@@ -459,6 +470,17 @@ def _profile_lines(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+# variant -> (short label, colour): HF grey, ours blue shades, the auto choice red.
+PLOT_STYLE = {
+    "hf": ("HF default", "#999999"),
+    "hf_static_compile": ("HF static+compile", "#555555"),
+    "ours": ("ours", "#9ecae1"),
+    "ours_transposed": ("ours transposed", "#4292c6"),
+    "ours_packed": ("ours packed", "#08519c"),
+    "ours_fast": ("ours fast (auto)", "#d62728"),
+}
+
+
 def render_plot(report: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -470,10 +492,10 @@ def render_plot(report: dict[str, Any], path: Path) -> None:
     for ax, (family, batch) in zip(axes[0], groups, strict=True):
         names = [n for n, row in batch["variants"].items() if "error" not in row]
         rates = [batch["variants"][n]["tokens_per_s"]["median"] for n in names]
-        ax.bar(range(len(names)), rates, color=["#999999", "#555555", "#1f77b4", "#d62728"][: len(names)])
+        colors = [PLOT_STYLE[n][1] for n in names]
+        ax.bar(range(len(names)), rates, color=colors)
         ax.axhline(batch["limit_tokens_per_s"], color="black", linestyle="--", linewidth=1, label="bandwidth limit")
-        ax.set_xticks(range(len(names)), [VARIANT_NAMES[n].split(",")[0] if n != "ours_fast" else "ours fast"
-                                          for n in names], rotation=30, ha="right", fontsize=8)  # fmt: skip
+        ax.set_xticks(range(len(names)), [PLOT_STYLE[n][0] for n in names], rotation=35, ha="right", fontsize=8)
         ax.set_title(f"{family}, batch {batch['batch']}", fontsize=9)
         ax.set_ylabel("tokens/s")
     axes[0][0].legend(fontsize=7)

@@ -468,20 +468,25 @@ def lse_attention_forward(
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Fast decoding: linear layers that read a oneDNN-packed copy of their weight
+# Fast decoding: linear layers that read their weight in the layout this CPU streams fastest
 # --------------------------------------------------------------------------------------------------------------
 
 # Decoding one token at a time multiplies each weight matrix by one vector (a GEMV), so its speed is how fast the
-# weights stream from memory. On the CPU, `F.linear` over nn.Linear's (out, in) layout streams at about half the
-# read bandwidth; the same product through oneDNN with the weight reordered once into its blocked layout streams
-# about twice as fast (docs/benchmarks.md, "Decoding"). The packed copy is a cache beside the weight, not a
-# replacement: parameters, state_dict, tying, save/load and autograd see plain nn.Linear weights throughout.
+# weights stream from memory, and that depends on the kernel and the layout, differently per CPU: on one 2-core
+# EPYC, `F.linear` over nn.Linear's (out, in) layout streamed 10 GB/s, x @ Wᵀ over a contiguous (in, out) copy
+# 16 GB/s and oneDNN's packed layout 21 GB/s; on a 2-core Xeon the first two streamed 26-33 GB/s and oneDNN's less.
+# So `enable_fast_decoding` times the candidates on the model's own weight shapes and keeps the fastest per shape.
+# The decode copy is a cache beside the weight, not a replacement: parameters, state_dict, tying, save/load and
+# autograd see plain nn.Linear weights throughout.
 _PACK_LINEAR_WEIGHT = getattr(torch.ops.mkldnn, "_reorder_linear_weight", None)
 _PACKED_LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
+DECODE_LAYOUTS = ("auto", "plain", "transposed", "packed")
 
 
-def fast_decoding_unavailable() -> str | None:
-    """Why this torch cannot pack linear weights for the CPU (None when it can)."""
+def fast_decoding_unavailable(layout: str = "packed") -> str | None:
+    """Why this torch cannot give linear weights `layout` (None when it can)."""
+    if layout != "packed":
+        return None
     if _PACK_LINEAR_WEIGHT is None or _PACKED_LINEAR is None:
         return "this torch has no torch.ops.mkldnn._reorder_linear_weight / _linear_pointwise"
     if not torch.backends.mkldnn.is_available():
@@ -489,16 +494,25 @@ def fast_decoding_unavailable() -> str | None:
     return None
 
 
+def _decode_copy(weight: torch.Tensor, layout: str) -> torch.Tensor:
+    with torch.no_grad():
+        if layout == "packed":
+            return _PACK_LINEAR_WEIGHT(weight.detach(), 1)  # (out, in) in oneDNN's blocked layout; batch-1 hint
+        return weight.detach().t().contiguous()  # (in, out): each output column streams contiguously
+
+
 class PackedLinear(nn.Linear):
-    """An nn.Linear that, outside autograd, multiplies by a oneDNN-packed copy of its fp32 CPU weight.
+    """An nn.Linear that, outside autograd, multiplies by a decode copy of its fp32 CPU weight: Wᵀ contiguous
+    ("transposed", through addmm) or oneDNN's blocked layout ("packed").
 
     Made from an existing nn.Linear by `pack_linear` (its class is swapped, nothing is copied but the weight's
-    packed form) and turned back by `unpack_linear`. The packed copy is used only while it provably matches the
-    weight: same storage and same version counter (any in-place update, `load_state_dict` or optimizer step bumps
-    it), input on the CPU in fp32, and no gradient to track; otherwise the forward is nn.Linear's own."""
+    decode copy) and turned back by `unpack_linear`. The copy is used only while it provably matches the weight:
+    same storage and same version counter (any in-place update, `load_state_dict` or optimizer step bumps it),
+    input on the CPU in fp32, and no gradient to track; otherwise the forward is nn.Linear's own."""
 
     _packed: torch.Tensor
     _packed_key: tuple[int, int]
+    _layout: str
 
     def _packed_matches(self, x: torch.Tensor) -> bool:
         weight = self.weight
@@ -509,39 +523,79 @@ class PackedLinear(nn.Linear):
         return not (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._packed_matches(x):
+        if not self._packed_matches(x):
+            return F.linear(x, self.weight, self.bias)
+        if self._layout == "packed":
             return _PACKED_LINEAR(x, self._packed, self.bias, "none", [], "")  # (..., in) -> (..., out)
-        return F.linear(x, self.weight, self.bias)
+        rows = x.reshape(-1, x.shape[-1])  # (N, in)
+        out = torch.mm(rows, self._packed) if self.bias is None else torch.addmm(self.bias, rows, self._packed)
+        return out.view(*x.shape[:-1], out.shape[-1])  # (..., out)
 
-    # oneDNN's packed tensor has no storage to pickle: deepcopy and torch.save carry the weight, and the copy packs
-    # its own.
+    # oneDNN's packed tensor has no storage to pickle: deepcopy and torch.save carry the weight, and the copy makes
+    # its own decode copy.
     def __getstate__(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if k not in ("_packed", "_packed_key")}
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         self.__class__ = nn.Linear
-        pack_linear(self)
+        pack_linear(self, state["_layout"])
 
 
-def pack_linear(linear: nn.Linear) -> bool:
-    """Give `linear` a packed copy of its weight and make it a PackedLinear; False if it cannot be packed (not an
-    fp32 CPU weight, or a subclass with its own forward), leaving it unchanged."""
-    weight = linear.weight
-    if type(linear) not in (nn.Linear, PackedLinear) or weight.device.type != "cpu" or weight.dtype != torch.float32:
+def packable(linear: nn.Module) -> bool:
+    """A plain nn.Linear (no subclass with its own forward) with an fp32 CPU weight."""
+    weight = getattr(linear, "weight", None)
+    return type(linear) in (nn.Linear, PackedLinear) and weight.device.type == "cpu" and weight.dtype == torch.float32
+
+
+def pack_linear(linear: nn.Linear, layout: str = "packed") -> bool:
+    """Give `linear` a decode copy of its weight in `layout` ("transposed" or "packed") and make it a
+    PackedLinear; False if it cannot be packed (see `packable`), leaving it unchanged."""
+    if not packable(linear):
         return False
-    with torch.no_grad():
-        packed = _PACK_LINEAR_WEIGHT(weight.detach(), 1)  # (out, in) in oneDNN's blocked layout; batch-1 hint
+    weight = linear.weight
+    copy_ = _decode_copy(weight, layout)
     linear.__class__ = PackedLinear
-    linear._packed, linear._packed_key = packed, (weight.data_ptr(), weight._version)
+    linear._packed, linear._packed_key, linear._layout = copy_, (weight.data_ptr(), weight._version), layout
     return True
 
 
 def unpack_linear(linear: nn.Linear) -> None:
-    """Undo `pack_linear`: drop the packed copy and make `linear` a plain nn.Linear again."""
+    """Undo `pack_linear`: drop the decode copy and make `linear` a plain nn.Linear again."""
     if isinstance(linear, PackedLinear):
-        del linear._packed, linear._packed_key
+        del linear._packed, linear._packed_key, linear._layout
         linear.__class__ = nn.Linear
+
+
+def _sweep_seconds(fn: Callable[[], None], repeats: int = 3) -> float:
+    import time
+
+    fn()  # first touch
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def fastest_layout(linears: Sequence[nn.Linear], candidates: Sequence[str]) -> str:
+    """The candidate layout whose one-row products over all of `linears` (one weight shape) take the least time,
+    timed on the weights themselves (best of 3 sweeps): the choice is this machine's, not a rule."""
+    in_features = linears[0].in_features
+    x = torch.randn(1, 1, in_features)
+    times = {}
+    with torch.inference_mode():
+        for layout in candidates:
+            copies = [m.weight if layout == "plain" else _decode_copy(m.weight, layout) for m in linears]
+            if layout == "plain":
+                fn = lambda c=copies: [F.linear(x, w) for w in c]  # noqa: E731
+            elif layout == "packed":
+                fn = lambda c=copies: [_PACKED_LINEAR(x, w, None, "none", [], "") for w in c]  # noqa: E731
+            else:
+                fn = lambda c=copies: [torch.mm(x[0], w) for w in c]  # noqa: E731
+            times[layout] = _sweep_seconds(fn)
+    return min(times, key=times.get)
 
 
 def _sliced_linear(linear: nn.Linear, index: torch.Tensor, dim: int) -> nn.Linear:
@@ -943,37 +997,60 @@ class CourseTransformerPreTrainedModel(PreTrainedModel):
             pruned[key] = sorted(modules[key].pruned_heads)
         self.config.pruned_heads = {key: pruned[key] for key in sorted(pruned) if pruned[key]}
 
-    def enable_fast_decoding(self) -> "CourseTransformerPreTrainedModel":
-        """Make every fp32 CPU nn.Linear read a oneDNN-packed copy of its weight outside autograd (`PackedLinear`).
+    def enable_fast_decoding(self, layout: str = "auto") -> "CourseTransformerPreTrainedModel":
+        """Make every fp32 CPU nn.Linear multiply by a decode copy of its weight outside autograd (`PackedLinear`).
 
-        For batch-1 and small-batch decoding on the CPU, which streams every weight once per token. Outputs equal
-        the plain model's up to fp32 summation order; parameters, state_dict, tied weights, `save_pretrained`,
-        head masks and `output_attentions` are unchanged, and training or any changed weight falls back to
-        nn.Linear. Costs one extra copy of the linear weights in memory. Undo with `disable_fast_decoding`.
-        A write through `.data` (peft's `merge_and_unload` does one) bumps no version counter and so is invisible
-        to the packed copies: call `enable_fast_decoding()` again after it, which packs the current weights.
+        For batch-1 and small-batch decoding on the CPU, which streams every weight once per token. `layout`:
+        "transposed" (Wᵀ contiguous, addmm), "packed" (oneDNN's blocked layout), "plain" (nn.Linear as it is), or
+        "auto" (default): per weight shape, whichever of the three streams fastest on this machine, timed once here
+        on the model's own weights (`fast_decoding_layouts` says what was chosen). Outputs equal the plain model's
+        up to fp32 summation order; parameters, state_dict, tied weights, `save_pretrained`, head masks and
+        `output_attentions` are unchanged, and training or any changed weight falls back to nn.Linear. Costs one
+        extra copy of the linear weights in memory. Undo with `disable_fast_decoding`. A write through `.data`
+        (peft's `merge_and_unload` does one) bumps no version counter and so is invisible to the decode copies:
+        call `enable_fast_decoding()` again after it, which copies the current weights.
 
         >>> model.enable_fast_decoding().generate(input_ids, max_new_tokens=32)  # doctest: +SKIP
         """
-        reason = fast_decoding_unavailable()
+        if layout not in DECODE_LAYOUTS:
+            raise ValueError(f"enable_fast_decoding: layout={layout!r}; allowed: {', '.join(DECODE_LAYOUTS)}")
+        reason = fast_decoding_unavailable(layout)
         if reason is not None:
-            raise RuntimeError(f"enable_fast_decoding: {reason}")
+            raise RuntimeError(f"enable_fast_decoding: layout={layout!r}: {reason}")
         linears = [m for m in self.modules() if isinstance(m, nn.Linear)]
-        if not any([pack_linear(m) for m in linears]):
+        groups: dict[tuple[int, int], list[nn.Linear]] = {}
+        for module in filter(packable, linears):
+            groups.setdefault(tuple(module.weight.shape), []).append(module)
+        if not groups:
             found = sorted({f"{m.weight.dtype} on {m.weight.device}" for m in linears})
             raise ValueError(f"enable_fast_decoding: needs float32 weights on the CPU; the model has {found}")
+        candidates = ["plain", "transposed"] + ([] if fast_decoding_unavailable("packed") else ["packed"])
+        chosen = {}
+        for shape, group in groups.items():
+            chosen[shape] = fastest_layout(group, candidates) if layout == "auto" else layout
+            for module in group:
+                unpack_linear(module)
+                if chosen[shape] != "plain":
+                    pack_linear(module, chosen[shape])
+        self._decode_layouts = {f"{out} x {in_}": name for (out, in_), name in chosen.items()}
         return self
 
     def disable_fast_decoding(self) -> "CourseTransformerPreTrainedModel":
-        """Undo `enable_fast_decoding`: every PackedLinear becomes a plain nn.Linear, the packed copies are freed."""
+        """Undo `enable_fast_decoding`: every PackedLinear becomes a plain nn.Linear, the decode copies are freed."""
         for module in self.modules():
             unpack_linear(module)
+        self.__dict__.pop("_decode_layouts", None)
         return self
 
     @property
+    def fast_decoding_layouts(self) -> dict[str, str]:
+        """Weight shape "out x in" -> the layout `enable_fast_decoding` gave it (empty when not enabled)."""
+        return dict(self.__dict__.get("_decode_layouts", {}))
+
+    @property
     def fast_decoding_enabled(self) -> bool:
-        """Whether any linear layer holds a packed weight (`enable_fast_decoding`)."""
-        return any(isinstance(m, PackedLinear) for m in self.modules())
+        """Whether `enable_fast_decoding` is in effect (even where "auto" kept every shape plain)."""
+        return "_decode_layouts" in self.__dict__
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:

@@ -25,8 +25,8 @@ def test_every_variant_ran_and_matched_hf_tokens(report):
     for family in data["families"]:
         assert [b["batch"] for b in family["batches"]] == [1, 2]
         for batch in family["batches"]:
-            assert set(batch["variants"]) == {"hf", "ours", "ours_fast"}  # no compile in the smoke settings
-            assert set(batch["prefill"]) == {"hf", "ours", "ours_fast"} and batch["prefill"]["hf"]["vs_hf"] == 1.0
+            assert set(batch["variants"]) == {"hf", "ours", "ours_fast", "ours_transposed"}  # no compile here
+            assert set(batch["prefill"]) == set(batch["variants"]) and batch["prefill"]["hf"]["vs_hf"] == 1.0
             for row in batch["variants"].values():
                 assert row["tokens_equal_hf"] is True
                 assert len(row["seconds"]["samples"]) == data["settings"]["repeats"]
