@@ -723,6 +723,11 @@ class CourseTransformerAttention(nn.Module):
         batch, length, width = hidden_states.shape  # (B, T, C)
         query = self._split_heads(self.q_proj(hidden_states))  # (B, H, T, D)
         key, value = self._keys_values(hidden_states, key_value_states, past_key_values)
+        if self.num_heads == 0 and not self.is_cross_attention:
+            # Every head pruned: an empty (B, 0, T, D) cache layer reads as length 0 to transformers
+            # (DynamicLayer.get_seq_length), so cached decoding would restart positions at every step. One zero
+            # head keeps the cache counting; `_no_heads_attention` never reads it.
+            key = value = hidden_states.new_zeros(batch, 1, length, self.head_dim)  # (B, 1, T, D)
         if not self.is_cross_attention:
             if position_embeddings is not None:  # rotary positions act on queries and keys only
                 cos, sin = position_embeddings
