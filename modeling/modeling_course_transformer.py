@@ -517,6 +517,10 @@ class PackedLinear(nn.Linear):
 
     def _packed_matches(self, x: torch.Tensor) -> bool:
         weight = self.weight
+        if torch.compiler.is_compiling():
+            # data_ptr() does not trace: a compiled graph uses the copy made at enable time (re-enable after
+            # changing the weights, as after a `.data` write).
+            return x.dtype == torch.float32 and x.device.type == "cpu" and not torch.is_grad_enabled()
         if (weight.data_ptr(), weight._version) != self._packed_key or x.dtype != torch.float32:
             return False
         if x.device.type != "cpu":

@@ -215,3 +215,20 @@ def test_auto_times_each_weight_shape_once_and_keeps_a_known_layout():
 def test_refuses_an_unknown_layout():
     with pytest.raises(ValueError, match=r"layout='fused'; allowed: auto, plain, transposed, packed"):
         tiny_model().enable_fast_decoding("fused")
+
+
+def test_compiled_static_cache_decoding_on_the_fast_path():
+    """The path `benchmark --mode decode` times: generate(cache_implementation="static", compile_config=...) on a
+    fast model compiles (the storage/version guard is not traced) and gives the plain model's tokens."""
+    from transformers import CompileConfig
+
+    plain, fast = _pair(layout="transposed")
+    compile_config = CompileConfig()
+    compile_config._compile_all_devices = True  # transformers compiles only on CUDA unless told otherwise
+    ids, mask = padded([6, 4])
+    compiled = _generate(fast, ids, mask, cache_implementation="static", compile_config=compile_config)
+    assert hasattr(fast, "_compiled_call")  # transformers did compile the decoding step
+    assert torch.equal(compiled, _generate(plain, ids, mask))
+    assert torch.equal(
+        _generate(fast, ids, mask, cache_implementation="static", compile_config=compile_config), compiled
+    )  # fmt: skip  (the second call reuses the compiled step)
