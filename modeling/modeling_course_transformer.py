@@ -1018,7 +1018,9 @@ class CourseTransformerPreTrainedModel(PreTrainedModel):
         `output_attentions` are unchanged, and training or any changed weight falls back to nn.Linear. Costs one
         extra copy of the linear weights in memory. Undo with `disable_fast_decoding`. A write through `.data`
         (peft's `merge_and_unload` does one) bumps no version counter and so is invisible to the decode copies:
-        call `enable_fast_decoding()` again after it, which copies the current weights.
+        call `enable_fast_decoding()` again after it, which copies the current weights. It composes with
+        transformers' compiled decoding, `generate(..., cache_implementation="static", compile_config=...)`, whose
+        graph uses the copies made here.
 
         >>> model.enable_fast_decoding().generate(input_ids, max_new_tokens=32)  # doctest: +SKIP
         """
