@@ -12,20 +12,13 @@ import pytest
 import torch
 
 from modeling import modeling_course_transformer as mct
+from scripts.lse_weights_report import EXACTNESS_CASES
 from tests.conftest import model_inputs, padded, tiny_model
 
 TOLERANCE = 1e-6
 
-CASES = {
-    "causal": dict(architecture="decoder", lengths=[7, 7]),
-    "padded": dict(architecture="decoder", lengths=[7, 4]),
-    "alibi": dict(architecture="decoder", lengths=[7, 5], position_encoding="alibi"),
-    "rope": dict(architecture="decoder", lengths=[7, 5], position_encoding="rope"),
-    "sinusoidal": dict(architecture="decoder", lengths=[7, 6], position_encoding="sinusoidal"),
-    "encoder": dict(architecture="encoder", lengths=[7, 3]),
-    "encoder-alibi": dict(architecture="encoder", lengths=[7, 3], position_encoding="alibi"),
-    "cross-attention": dict(architecture="encoder-decoder", lengths=[7, 5]),
-}
+# The exactness cases are the report's (scripts/lse_weights_report.py), so the two cannot drift apart.
+CASES = EXACTNESS_CASES
 
 
 def _all_weights(out) -> list[torch.Tensor]:
