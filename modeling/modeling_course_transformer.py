@@ -340,7 +340,9 @@ def eager_attention_forward(
     else:
         scores.add_(attention_mask)  # additive: 0 or finfo.min, broadcast from (B|1, 1, T, S)
     # Softmax in fp32 so that bf16/fp16 runs return probabilities that sum to 1.
-    weights = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)  # (B, H, T, S)
+    # At least fp32 for the normalisation (half precision would lose the small weights); fp64 stays fp64.
+    softmax_dtype = torch.promote_types(query.dtype, torch.float32)
+    weights = F.softmax(scores, dim=-1, dtype=softmax_dtype).to(query.dtype)  # (B, H, T, S)
     weights = F.dropout(weights, p=dropout, training=module.training)
     output = torch.matmul(weights, value)  # (B, H, T, D)
     return output.transpose(1, 2).contiguous(), weights  # (B, T, H, D), (B, H, T, S)

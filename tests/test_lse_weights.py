@@ -215,3 +215,15 @@ def test_lse_weights_of_a_real_checkpoint_equal_eager(kernel_calls):
     model.config._attn_implementation = "sdpa"
     got = model(**inputs, output_attentions=True)
     assert _worst(ref, got) <= 3e-6 and kernel_calls
+
+
+def test_eager_weights_in_fp64_are_fp64():
+    """Eager normalises in at least fp32 and in fp64 for fp64 models: against the lse path, 1e-12 (fp32 would
+    leave ~6e-8)."""
+    eager = tiny_model(attn_implementation="eager").double()
+    fast = tiny_model(attn_implementation="sdpa").double()
+    ids, mask = padded([7, 5])
+    with torch.no_grad():
+        a = eager(input_ids=ids, attention_mask=mask, output_attentions=True).attentions
+        b = fast(input_ids=ids, attention_mask=mask, output_attentions=True).attentions
+    assert max((x - y).abs().max().item() for x, y in zip(a, b, strict=True)) <= 1e-12
