@@ -32,7 +32,8 @@ def test_cli_writes_reports_and_passes(tmp_path, reference, heads):
     assert len(eager["hidden_states"]) == 3  # embeddings + one per layer
     assert eager["outputs"]["logits"]["max"] <= 1e-5
     assert eager["max_abs_diff"] <= 1e-5
-    assert report["sdpa_vs_eager_ours"]["max_abs_diff"] == 0.0  # weights asked for: sdpa runs the same eager math
+    # Weights asked for under sdpa come from the fused kernel's log-sum-exp: rounding-level from eager, not 0.
+    assert report["sdpa_vs_eager_ours"]["max_abs_diff"] <= 1e-5
     assert report["round_trip"]["reference_to_ours_to_reference_exact"]
     assert report["round_trip"]["ours_to_reference_to_ours_exact"]
     # The batch is really padded, and padded keys got exactly zero weight in the reference.
