@@ -44,6 +44,8 @@ METRIC_NAMES = (
     "head_agreement",
     "induction_score",
     "attention_rollout",
+    "attention_sinks",
+    "attention_norms",
 )
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_NAMES = ("bert-minilm", "ours-minilm", "smollm2", "ours-tiny")
