@@ -1,7 +1,7 @@
 """The one set of tiny configs, for the tests, the parity harness's `bert-tiny` / `gpt2-tiny` and the benchmark's
 smoke mode: hidden 32, 4 heads, 2 layers (per stack), a feed-forward of 64, no dropout.
 
-The course config and its Hugging Face references (BERT, GPT-2) share the shape, so a converted model and its
+The course config and its Hugging Face references (BERT, GPT-2, BART) share the shape, so a converted model and its
 reference are the same size. Every field can be overridden; the vocabulary often is (the tests' word-level
 tokenizer has 64 entries, the parity harness's byte-level one 256 bytes plus its special tokens).
 
@@ -15,7 +15,7 @@ The named presets in `modeling/presets/tiny-*.json` are a different thing: the d
 
 from __future__ import annotations
 
-from transformers import BertConfig, GPT2Config
+from transformers import BartConfig, BertConfig, GPT2Config
 
 from modeling import CourseTransformerConfig
 
@@ -33,6 +33,7 @@ __all__ = [
     "NUM_HEADS",
     "NUM_LAYERS",
     "VOCAB_SIZE",
+    "tiny_bart_config",
     "tiny_bert_config",
     "tiny_config",
     "tiny_gpt2_config",
@@ -88,3 +89,26 @@ def tiny_gpt2_config(**overrides) -> GPT2Config:
         eos_token_id=vocab_size - 1,
     )
     return GPT2Config(**{**fields, **overrides})
+
+
+def tiny_bart_config(**overrides) -> BartConfig:
+    """A tiny `BartConfig`: 2 layers per stack, no dropout, BART's special ids (pad 1, bos 0, eos 2) and its
+    decoder start (eos)."""
+    fields = dict(
+        vocab_size=VOCAB_SIZE,
+        d_model=HIDDEN_SIZE,
+        encoder_layers=NUM_LAYERS,
+        decoder_layers=NUM_LAYERS,
+        encoder_attention_heads=NUM_HEADS,
+        decoder_attention_heads=NUM_HEADS,
+        encoder_ffn_dim=INTERMEDIATE_SIZE,
+        decoder_ffn_dim=INTERMEDIATE_SIZE,
+        max_position_embeddings=MAX_POSITIONS,
+        dropout=0.0,
+        attention_dropout=0.0,
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=2,
+        decoder_start_token_id=2,
+    )
+    return BartConfig(**{**fields, **overrides})

@@ -24,6 +24,7 @@ Notation used in shape comments:
 
 import copy
 import math
+import time
 from collections.abc import Callable, Sequence
 
 import torch
@@ -575,8 +576,6 @@ def unpack_linear(linear: nn.Linear) -> None:
 
 
 def _sweep_seconds(fn: Callable[[], None], repeats: int = 3) -> float:
-    import time
-
     fn()  # first touch
     best = math.inf
     for _ in range(repeats):

@@ -10,7 +10,8 @@ from transformers import BartConfig, BartForConditionalGeneration, BartModel
 import modeling
 from course_transformer.core import conversion
 from course_transformer.core.conversion import bart_config_to_course, course_config_to_bart, from_bart, to_bart
-from evaluation.tiny import HIDDEN_SIZE, INTERMEDIATE_SIZE, MAX_POSITIONS, NUM_HEADS, NUM_LAYERS, tiny_config
+from evaluation.tiny import HIDDEN_SIZE, MAX_POSITIONS, NUM_HEADS, tiny_config
+from evaluation.tiny import tiny_bart_config as shared_tiny_bart_config
 from tests.test_conversion import TOL, VOCAB, assert_state_dicts_bitwise_equal, padded_batch, randomize_
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -19,25 +20,8 @@ PAD, BOS, EOS = 1, 0, 2  # BART's special ids; decoder_start is EOS, as in BART
 
 
 def tiny_bart_config(**overrides) -> BartConfig:
-    """BART at the size of `evaluation.tiny` (hidden 32, 4 heads, 2 layers per stack, FFN 64), no dropout."""
-    fields = dict(
-        vocab_size=VOCAB,
-        d_model=HIDDEN_SIZE,
-        encoder_layers=NUM_LAYERS,
-        decoder_layers=NUM_LAYERS,
-        encoder_attention_heads=NUM_HEADS,
-        decoder_attention_heads=NUM_HEADS,
-        encoder_ffn_dim=INTERMEDIATE_SIZE,
-        decoder_ffn_dim=INTERMEDIATE_SIZE,
-        max_position_embeddings=MAX_POSITIONS,
-        dropout=0.0,
-        attention_dropout=0.0,
-        pad_token_id=PAD,
-        bos_token_id=BOS,
-        eos_token_id=EOS,
-        decoder_start_token_id=EOS,
-    )
-    return BartConfig(**{**fields, **overrides})
+    """`evaluation.tiny`'s BART with this file's vocabulary."""
+    return shared_tiny_bart_config(**{"vocab_size": VOCAB, **overrides})
 
 
 def tiny_bart(cls=BartForConditionalGeneration, seed: int = 0, backend: str = "eager", **overrides):

@@ -14,12 +14,12 @@ import pytest
 import torch
 from conftest import padded, tiny_model
 from torch import nn
-from transformers import BartConfig, BartForConditionalGeneration, GPT2LMHeadModel
+from transformers import BartForConditionalGeneration, GPT2LMHeadModel
 
 import modeling
 from course_transformer.core.conversion import from_bart, from_gpt2
 from evaluation.parity import randomize_
-from evaluation.tiny import tiny_gpt2_config
+from evaluation.tiny import tiny_bart_config, tiny_gpt2_config
 from modeling.modeling_course_transformer import PackedLinear, fast_decoding_unavailable
 
 # "packed" needs oneDNN (every CPU wheel of torch has it); "transposed" runs anywhere.
@@ -99,12 +99,7 @@ def test_fast_tokens_equal_hf_gpt2(backend, layout):
 @pytest.mark.parametrize("layout", ["auto", *LAYOUTS])
 @pytest.mark.parametrize("backend", ["eager", "sdpa"])
 def test_fast_tokens_equal_hf_bart_on_a_padded_source(backend, layout):
-    config = BartConfig(
-        vocab_size=96, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
-        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64, dropout=0.0,
-        attention_dropout=0.0, activation_dropout=0.0, pad_token_id=1, bos_token_id=0, eos_token_id=2,
-        decoder_start_token_id=2, forced_eos_token_id=None,
-    )  # fmt: skip
+    config = tiny_bart_config(vocab_size=96, forced_eos_token_id=None)  # real ids + 3 stay below 96
     config._attn_implementation = backend
     torch.manual_seed(0)
     reference = randomize_(BartForConditionalGeneration(config).eval())
