@@ -1,0 +1,825 @@
+"""The attention lens: exact weights, head interventions and streaming statistics for any transformers model.
+
+transformers 5 sends almost every model's attention through one seam: `ALL_ATTENTION_FUNCTIONS`, called with the
+module, Q (B, H, T, D), K and V (B, H_kv, S, D) after the model's own projections, norms and rotary, the mask, the
+scaling and model-specific keywords. This file registers one more function there, `"lens"`, so that
+
+    model = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="lens")   # or set_attn_implementation
+
+runs the fast kernel (sdpa) for every layer and, for the layers and heads asked for only:
+
+* returns the exact softmax weights P = exp(scale·QKᵀ + bias + mask − lse), with lse the log-sum-exp the fused
+  kernel computes anyway: `output_attentions=True`, `generate(output_attentions=True)` and pipelines get them;
+* applies head interventions (zero or mean ablation, scaling, keeping only some heads) and query→key edge
+  knock-outs (Geva et al. 2023, "Dissecting Recall of Factual Associations in Auto-Regressive Language Models");
+* accumulates streaming statistics one query block at a time, never holding the T×S matrix: entropy, mean
+  distance, first-token (sink) mass, special-token mass and per-key column sums (Xiao et al. 2023, "Efficient
+  Streaming Language Models with Attention Sinks");
+* computes value-aware attention ‖α_ij f_h(x_j)‖ per head (Kobayashi et al. 2020, "Attention is Not Only a
+  Weight"), with f_h the head's value vector through its slice of the output projection.
+
+Model-specific keywords are handled exactly or refused: `position_bias` (T5, and our ALiBi) is added to the scores,
+`softcap` (Gemma 2/3) caps them with tanh (eager math: no kernel caps), `s_aux` (gpt-oss attention sinks) enters the
+normaliser through the kernel's lse, `sliding_window` is already in the mask sdpa receives. Any other keyword with a
+value is refused with an error naming the model, the layer and the keyword, before the forward when the model is
+attached to an `AttentionLens` (read from the source of the module's call) and at the call otherwise.
+
+The Python API is `AttentionLens`, a context manager (example in its docstring). This file imports only torch and
+transformers: it travels with our saved folders as remote code, and our model's `output_attentions`,
+`attention_layers` and `head_mask` run through `attend` below.
+
+Notation: B batch, H query heads, H_kv key/value heads, T queries, S keys, D head dim, C hidden size, b query block.
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import math
+import textwrap
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
+
+LENS = "lens"
+
+# Keywords the kernels' call sites pass that do not change the attention the function must compute: bookkeeping
+# (positions, cache, flags read by the model) and flash's own descriptions of what the mask already holds.
+IGNORED_KEYWORDS = frozenset(
+    {
+        "output_attentions",
+        "output_hidden_states",
+        "use_cache",
+        "past_key_values",
+        "past_key_value",
+        "cache_position",
+        "position_ids",
+        "cu_seq_lens_q",
+        "cu_seq_lens_k",
+        "max_length_q",
+        "max_length_k",
+        "sliding_window",  # in the mask that `sdpa_mask` builds for this name
+        "layer_idx",
+        "return_dict",
+        "token_type_ids",
+    }
+)
+# Keywords whose math the lens reproduces exactly.
+HANDLED_KEYWORDS = frozenset({"position_bias", "softcap", "s_aux", "is_causal", "scaling", "dropout"})
+HEAD_ABLATIONS = ("zero", "mean")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# What one layer is asked for
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LayerRequest:
+    """What the lens computes for one attention call beyond the output.
+
+    `head_scale` (H,) multiplies each head's output (0 = zero ablation, 1 = unchanged); `mean_heads` are replaced by
+    their mean output over the batch and the queries of this forward; `knockout` (B|1, H|1, T, S) bool marks
+    query→key edges removed before the softmax; `stats` accumulates streaming statistics; `norms` asks for
+    ‖α f(x)‖ with the output projection `projection`."""
+
+    weights: bool = False
+    head_scale: torch.Tensor | None = None
+    mean_heads: tuple[int, ...] = ()
+    knockout: torch.Tensor | None = None
+    stats: StreamingStats | None = None
+    norms: bool = False
+    projection: nn.Module | None = None
+    site: LensSite | None = None
+
+    @property
+    def needs_scores(self) -> bool:
+        return self.weights or self.norms or self.knockout is not None or self.stats is not None
+
+
+@dataclass
+class LensSite:
+    """One attention module of an attached model: its index among them, its name and what is asked of it."""
+
+    index: int
+    name: str
+    module: nn.Module
+    num_heads: int
+    request: LayerRequest
+    lens: AttentionLens
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The math: mask terms, the kernel with its log-sum-exp, weights from the lse
+# --------------------------------------------------------------------------------------------------------------
+
+_CPU_LSE_KERNEL = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_CUDA_LSE_KERNEL = getattr(torch.ops.aten, "_scaled_dot_product_efficient_attention", None)
+_LSE_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def lse_unavailable(query: torch.Tensor, dropout: float) -> str | None:
+    """Why no fused kernel can give this call's lse (None when one can): the weights then come from eager math."""
+    if dropout > 0.0:
+        return "attention dropout is active (training): the kernel's dropped weights are not recoverable from its lse"
+    if torch.is_grad_enabled() and query.requires_grad:
+        return "gradients are enabled: the kernels' lse output has no derivative, eager's softmax graph has"
+    if query.dtype not in _LSE_DTYPES:
+        return f"dtype {query.dtype} has no lse kernel"
+    if query.device.type == "cpu":
+        return None if _CPU_LSE_KERNEL is not None else "this torch has no _scaled_dot_product_flash_attention_for_cpu"
+    if query.device.type == "cuda":
+        if _CUDA_LSE_KERNEL is None:
+            return "this torch has no _scaled_dot_product_efficient_attention"
+        return "the CUDA memory-efficient kernel has no float64 path" if query.dtype == torch.float64 else None
+    return f"no lse kernel is wired for device {query.device.type!r}"
+
+
+def additive_mask(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    is_causal: bool,
+    position_bias: torch.Tensor | None = None,
+    knockout: torch.Tensor | None = None,
+) -> torch.Tensor | None:
+    """Everything added to scale·QKᵀ as one float tensor (B|1, H|1, T, S) in at least fp32: the mask (boolean
+    True = attend, or additive), the causal triangle when the mask is None and the module is causal (top-left, as
+    sdpa's `is_causal`), a position bias (T5, ALiBi) and knocked-out edges. Masked entries are -inf, as sdpa makes
+    of a boolean mask, so that a row with every key masked gives sdpa's output (zeros); `dead_rows` finds them."""
+    length, key_length = query.shape[2], key.shape[2]
+    dtype = torch.promote_types(query.dtype, torch.float32)
+    if attention_mask is None and not is_causal and position_bias is None and knockout is None:
+        return None
+    if attention_mask is None:
+        mask = torch.zeros(1, 1, length, key_length, dtype=dtype, device=query.device)  # (1, 1, T, S)
+        if is_causal and length > 1:
+            future = torch.ones(length, key_length, dtype=torch.bool, device=query.device).triu(1)  # (T, S)
+            mask.masked_fill_(future, float("-inf"))
+    elif attention_mask.dtype == torch.bool:
+        mask = torch.zeros(attention_mask.shape, dtype=dtype, device=query.device)  # (B|1, 1, T, S)
+        mask.masked_fill_(~attention_mask, float("-inf"))
+    else:
+        mask = attention_mask.to(dtype)  # additive, as the model built it
+    if position_bias is not None:
+        mask = mask + position_bias.to(dtype)  # (1|B, H, T, S)
+    if knockout is not None:
+        mask = mask.masked_fill(knockout.to(mask.device), float("-inf"))  # (B|1, H|1, T, S)
+    return mask
+
+
+def dead_rows(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """(B|1, H|1, T) True where every key of a query is masked (padding queries), or None when there are none.
+    Eager's additive finfo.min masks give such a row uniform weights; sdpa gives it a zero output."""
+    if mask is None:
+        return None
+    dead = torch.isneginf(mask).all(-1)
+    return dead if bool(dead.any()) else None
+
+
+def kernel_with_lse(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, scaling: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fused kernel's output (B, H, T, D) and log-sum-exp (B, H, T) of scale·QKᵀ + mask (K, V with H heads)."""
+    if mask is not None:
+        mask = mask.to(query.dtype)
+    if query.device.type == "cuda":
+        bias = None if mask is None else mask.expand(query.shape[0], query.shape[1], -1, -1)  # (B, H, T, S)
+        output, lse = _CUDA_LSE_KERNEL(query, key, value, bias, True, 0.0, False, scale=scaling)[:2]
+        return output, lse[..., : query.shape[2]]  # the efficient kernel pads the lse's query dimension
+    return _CPU_LSE_KERNEL(query, key, value, 0.0, False, attn_mask=mask, scale=scaling)[:2]
+
+
+def scores_minus_lse(
+    query: torch.Tensor, key: torch.Tensor, lse: torch.Tensor, mask: torch.Tensor | None, scaling: float
+) -> torch.Tensor:
+    """scale·QKᵀ + mask − lse in at least fp32, (B, H, T, S): exponentiated, the exact softmax weights.
+
+    One GEMM writes it (baddbmm scales the product and adds −lse as it stores; scaling Q first rounds differently
+    from eager, 8e-6 on MiniLM's first layer), then one pass adds the mask: no max, no sum, no softmax graph."""
+    batch, heads, length, dim = query.shape
+    compute = torch.promote_types(query.dtype, torch.float32)
+    queries = query.to(compute).reshape(batch * heads, length, dim)  # (BH, T, D)
+    keys_t = key.to(compute).expand(batch, heads, -1, -1).reshape(batch * heads, key.shape[2], dim).transpose(1, 2)
+    shift = lse.to(compute).neg().expand(batch, heads, length).reshape(batch * heads, length, 1)  # (BH, T, 1)
+    scores = torch.baddbmm(shift, queries, keys_t, alpha=scaling).view(batch, heads, length, -1)  # (B, H, T, S)
+    if mask is not None:
+        scores.add_(mask)  # (B|1, H|1, T, S) broadcast; finfo.min entries exponentiate to 0
+    return scores
+
+
+def weights_from_lse(
+    query: torch.Tensor, key: torch.Tensor, lse: torch.Tensor, mask: torch.Tensor | None, scaling: float
+) -> torch.Tensor:
+    """The exact softmax weights (B, H, T, S) in at least fp32 from the kernel's lse."""
+    weights = scores_minus_lse(query, key, lse, mask, scaling).exp_()  # (B, H, T, S)
+    return uniform_dead_rows(weights, mask)
+
+
+def uniform_dead_rows(weights: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Give the rows whose keys are all masked eager's answer, uniform weights (the kernel's are 0 or NaN)."""
+    dead = dead_rows(mask)
+    if dead is None:
+        return weights
+    return torch.where(dead.unsqueeze(-1), 1.0 / weights.shape[-1], weights)  # (B, H, T, S)
+
+
+def eager_softmax(
+    query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, scaling: float, softcap: float | None = None
+) -> torch.Tensor:
+    """softmax(cap(scale·QKᵀ) + mask) in at least fp32, (B, H, T, S); `softcap` c applies c·tanh(s/c) to the scores
+    before the mask, as Gemma 2 does (no fused kernel caps, so this is the exact path for capped models)."""
+    compute = torch.promote_types(query.dtype, torch.float32)
+    scores = torch.matmul(query.to(compute), key.to(compute).transpose(-1, -2)) * scaling  # (B, H, T, S)
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    if mask is not None:
+        scores = scores + mask.clamp(min=torch.finfo(compute).min)  # finfo.min, as eager: dead rows come out uniform
+    return torch.softmax(scores, dim=-1)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Streaming statistics and value norms
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StreamingStats:
+    """Sums over the queries of one attention call, filled one query block at a time.
+
+    Per (B, H): Σ entropy, Σ distance |i − j| weighted by P, Σ mass on the first real key, Σ mass on special keys;
+    per (B, H, S): column sums Σ_i P_ij (attention received). Only valid queries count (`query_mask`, or the
+    queries whose own key is not masked in self-attention)."""
+
+    block_size: int = 256
+    special_mask: torch.Tensor | None = None  # (B, S) bool
+    query_mask: torch.Tensor | None = None  # (B, T) bool
+    cross: bool | None = None
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    count: torch.Tensor | None = None  # (B,) valid queries
+
+    def means(self) -> dict[str, torch.Tensor]:
+        """Per-sequence means over valid queries: (B, H) statistics and `received` (B, H, S)."""
+        count = self.count.clamp(min=1)[:, None]  # (B, 1)
+        result = {name: self.sums[name] / count for name in ("entropy", "distance", "first_token_mass")}
+        if "special_mass" in self.sums:
+            result["special_mass"] = self.sums["special_mass"] / count
+        result["received"] = self.sums["received"]
+        return result
+
+
+def _real_keys(mask: torch.Tensor | None, batch: int, keys: int, device) -> torch.Tensor:
+    """(B, S) bool: keys some query may attend (padding keys are masked for every query)."""
+    if mask is None:
+        return torch.ones(batch, keys, dtype=torch.bool, device=device)
+    return (mask > torch.finfo(mask.dtype).min / 2).any(-2).any(1).expand(batch, -1)  # (B, S): -inf or finfo.min
+
+
+def accumulate_stats(
+    stats: StreamingStats,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    lse: torch.Tensor,
+    mask: torch.Tensor | None,
+    scaling: float,
+    cross: bool,
+) -> None:
+    """Add one call's statistics to `stats`, computing P one block of `stats.block_size` queries at a time:
+    memory O(b·S) per head, not O(T·S)."""
+    batch, heads, length, _ = query.shape
+    keys = key.shape[2]
+    cross = stats.cross if stats.cross is not None else cross
+    real = _real_keys(mask, batch, keys, query.device)  # (B, S)
+    offset = keys - length  # queries are the last T positions of a self-attention's keys (a cache before them)
+    if stats.query_mask is not None:
+        valid = stats.query_mask.to(query.device).bool()  # (B, T)
+    elif cross or offset < 0:
+        valid = torch.ones(batch, length, dtype=torch.bool, device=query.device)
+    else:
+        valid = real[:, offset:]  # a padding query's own key is masked for everyone
+    first = real.float().argmax(-1)  # (B,) the first real key: the sink position under left padding
+    key_pos = torch.arange(keys, device=query.device, dtype=torch.float32)  # (S,)
+    basis = [torch.ones(batch, keys, device=query.device), key_pos.expand(batch, -1)]  # Σ P, Σ P·j
+    if stats.special_mask is not None:
+        basis.append(stats.special_mask.to(query.device).float())  # Σ P·special
+    basis = torch.stack(basis, -1)[:, None]  # (B, 1, S, 2|3)
+    sums = {name: torch.zeros(batch, heads, device=query.device) for name in ("entropy", "distance", "first")}
+    special = torch.zeros(batch, heads, device=query.device)
+    received = torch.zeros(batch, heads, keys, device=query.device)
+    for start in range(0, length, stats.block_size):
+        rows = slice(start, min(start + stats.block_size, length))
+        block_mask = None if mask is None else mask[:, :, rows]
+        p = scores_minus_lse(query[:, :, rows], key, lse[:, :, rows], block_mask, scaling).exp_()  # (B, H, b, S)
+        p = uniform_dead_rows(p, block_mask)
+        weight = valid[:, rows].float()[:, None]  # (B, 1, b)
+        moments = torch.matmul(p, basis)  # (B, H, b, 2|3)
+        position = torch.arange(rows.start, rows.stop, device=query.device, dtype=torch.float32) + offset  # (b,)
+        gap = (position[:, None] - key_pos[None, :]).abs()  # (b, S)
+        distance = (p * gap).sum(-1)  # (B, H, b)
+        sink = p.gather(-1, first.view(batch, 1, 1, 1).expand(-1, heads, p.shape[2], 1)).squeeze(-1)  # (B, H, b)
+        sums["entropy"] += (torch.special.entr(p).sum(-1) * weight).sum(-1)  # −Σ p log p, 0 log 0 = 0
+        sums["distance"] += (distance * weight).sum(-1)
+        sums["first"] += (sink * weight).sum(-1)
+        if stats.special_mask is not None:
+            special += (moments[..., 2] * weight).sum(-1)
+        received += torch.matmul(weight[:, :, None, :], p).squeeze(2)  # (B, 1, 1, b) @ (B, H, b, S) -> (B, H, S)
+    _add_sums(stats, sums, special, received, valid.sum(-1).float())
+
+
+def _add_sums(stats: StreamingStats, sums: dict, special: torch.Tensor, received: torch.Tensor, count) -> None:
+    new = {"entropy": sums["entropy"], "distance": sums["distance"], "first_token_mass": sums["first"]}
+    if stats.special_mask is not None:
+        new["special_mass"] = special
+    new["received"] = received
+    for name, value in new.items():
+        old = stats.sums.get(name)
+        stats.sums[name] = value if old is None or old.shape != value.shape else old + value
+    stats.count = count if stats.count is None else stats.count + count
+
+
+OUTPUT_PROJECTIONS = ("o_proj", "c_proj", "out_proj", "dense", "out_lin", "o", "proj")
+
+
+def find_output_projection(module: nn.Module, parent: nn.Module | None, name: str | None = None) -> nn.Module:
+    """The linear map W_O that reads the concatenated heads: `name` if given, else the first of OUTPUT_PROJECTIONS
+    on the module, then in its parent's other children (BERT keeps it in a sibling `output.dense`)."""
+    names = (name,) if name else OUTPUT_PROJECTIONS
+    places = [module] + ([m for m in parent.children() if m is not module] if parent is not None else [])
+    for place in places:
+        for candidate in names:
+            found = getattr(place, candidate, None)
+            if isinstance(found, nn.Module) and getattr(found, "weight", None) is not None:
+                return found
+    raise ValueError(
+        f"{type(module).__name__}: no output projection named {' / '.join(names)} on the module or beside it; "
+        "pass output_projection='<attribute name>'"
+    )
+
+
+def head_value_norms(value: torch.Tensor, projection: nn.Module, heads: int) -> torch.Tensor:
+    """‖v_j^h W_O^h‖ for every head and key, (B, H, S): the size of what key j adds through head h.
+
+    Through the Gram matrix G_h = W_O^hᵀ W_O^h (D, D): ‖v W_O^hᵀ‖² = v G_h vᵀ, no (B, H, S, C) tensor."""
+    weight = projection.weight.float()
+    dim = value.shape[-1]
+    # nn.Linear stores (C, H·D); GPT-2's Conv1D stores (H·D, C).
+    per_head = weight.T if type(projection).__name__ == "Conv1D" else weight  # (C, H·D)
+    per_head = per_head.view(per_head.shape[0], heads, dim).transpose(0, 1)  # (H, C, D)
+    gram = per_head.transpose(1, 2) @ per_head  # (H, D, D)
+    squared = torch.einsum("bhsd,hde,bhse->bhs", value.float(), gram, value.float())  # (B, H, S)
+    return squared.clamp(min=0).sqrt()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# One attention call
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _check_keywords(module: nn.Module, kwargs: Mapping[str, Any]) -> None:
+    unknown = [k for k, v in kwargs.items() if v is not None and k not in IGNORED_KEYWORDS | HANDLED_KEYWORDS]
+    if unknown:
+        raise ValueError(
+            f"attn_implementation='lens': {type(module).__name__} (layer {getattr(module, 'layer_idx', '?')}) passes "
+            f"{unknown} to its attention function, which the lens does not know how to make exact; known: "
+            f"{sorted(HANDLED_KEYWORDS)} (handled) and {sorted(IGNORED_KEYWORDS)} (no effect on the weights)"
+        )
+
+
+def _is_causal(module: nn.Module, query: torch.Tensor, attention_mask, is_causal: bool | None) -> bool:
+    """The causal flag exactly as transformers' sdpa wrapper resolves it (a None mask means causal-only)."""
+    flag = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    return bool(query.shape[2] > 1 and attention_mask is None and flag)
+
+
+def _sink_correction(lse: torch.Tensor, sinks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """gpt-oss's sinks are one extra logit per head in the softmax's normaliser: lse' = log(e^lse + e^sink).
+    Returns lse' and the factor e^(lse − lse') that rescales the kernel's output."""
+    sink = sinks.to(lse.dtype).view(1, -1, 1)  # (1, H, 1)
+    total = torch.logaddexp(lse, sink)  # (B, H, T)
+    return total, (lse - total).exp()
+
+
+def attend(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    request: LayerRequest | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The attention of one call with what `request` asks: output (B, T, H, D) and weights (B, H, T, S) or None.
+
+    Without a request and without keywords the kernels cannot take (softcap, sinks) it is transformers' own sdpa
+    call: the same output, bit for bit, at the same cost."""
+    _check_keywords(module, kwargs)
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    softcap, sinks = kwargs.get("softcap"), kwargs.get("s_aux")
+    if (request is None or not request.needs_scores) and softcap is None and sinks is None:
+        passed = {k: v for k, v in kwargs.items() if k in ("position_bias", "is_causal")}
+        output, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **passed)
+        return _intervene(output, None, request), None
+    groups = query.shape[1] // key.shape[1]
+    key, value = repeat_kv(key, groups), repeat_kv(value, groups)  # (B, H, S, D): weights are per query head
+    causal = _is_causal(module, query, attention_mask, kwargs.get("is_causal"))
+    knockout = request.knockout if request is not None else None
+    mask = additive_mask(query, key, attention_mask, causal, kwargs.get("position_bias"), knockout)
+    reason = "softcap: no fused kernel caps the scores" if softcap is not None else lse_unavailable(query, dropout)
+    if reason is not None:
+        weights = eager_softmax(query, key, mask, scaling, softcap)  # (B, H, T, S)
+        if sinks is not None:
+            raise ValueError(f"{type(module).__name__}: attention sinks (s_aux) need the lse path, but {reason}")
+        weights = F.dropout(weights, p=dropout, training=module.training)
+        dead = dead_rows(mask)  # sdpa's output for a query that sees no key is 0, eager's the mean of V
+        probs = weights if dead is None else weights.masked_fill(dead.unsqueeze(-1), 0.0)
+        output = torch.matmul(probs.to(value.dtype), value)  # (B, H, T, D)
+        lse = None
+    else:
+        output, lse = kernel_with_lse(query, key, value, mask, scaling)  # (B, H, T, D), (B, H, T)
+        if sinks is not None:
+            lse, factor = _sink_correction(lse.float(), sinks)
+            output = output * factor.unsqueeze(-1).to(output.dtype)  # (B, H, T, D)
+        wants_full = request is not None and (request.weights or request.norms)
+        weights = weights_from_lse(query, key, lse, mask, scaling) if wants_full else None
+    output = output.transpose(1, 2)  # (B, T, H, D)
+    _record(module, request, query, key, value, lse, weights, mask, scaling)
+    output, weights = _intervene(output, weights, request), weights
+    if weights is not None and request is not None and request.head_scale is not None:
+        weights = weights * request.head_scale.to(weights.dtype).view(1, -1, 1, 1)
+    if request is None or not request.weights:
+        weights = None
+    return output.contiguous(), (weights.to(query.dtype) if weights is not None else None)
+
+
+def _record(module, request, query, key, value, lse, weights, mask, scaling) -> None:
+    """Statistics and norms of this call into the request (before interventions: they describe the attention)."""
+    if request is None:
+        return
+    if request.stats is not None:
+        if lse is None:  # eager path: P is at hand; the lse that reproduces it is log Σ exp(scores)
+            scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * scaling
+            lse = torch.logsumexp(scores if mask is None else scores + mask, -1)  # (B, H, T)
+        cross = bool(getattr(module, "is_cross_attention", False))
+        accumulate_stats(request.stats, query, key, lse, mask, scaling, cross)
+    if request.norms and weights is not None and request.site is not None:
+        norms = head_value_norms(value, request.projection, query.shape[1])  # (B, H, S)
+        request.site.lens.norms[request.site.index] = (weights * norms[:, :, None, :]).to(query.dtype)  # (B,H,T,S)
+
+
+def _intervene(output: torch.Tensor, weights: torch.Tensor | None, request: LayerRequest | None) -> torch.Tensor:
+    """Head interventions on the output (B, T, H, D): zeroing a head here equals zeroing its slice of W_O's input,
+    since the heads are concatenated and projected right after."""
+    if request is None:
+        return output
+    if request.mean_heads:
+        heads = list(request.mean_heads)
+        output = output.clone()
+        output[:, :, heads] = output[:, :, heads].mean((0, 1), keepdim=True)  # (1, 1, h, D) broadcast
+    if request.head_scale is not None:
+        output = output * request.head_scale.to(output.dtype).view(1, 1, -1, 1)  # (B, T, H, D)
+    return output
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The registered function
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _recording_attentions() -> bool:
+    """Whether transformers' output capture is collecting attentions in this forward (`output_attentions=True`)."""
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:  # pragma: no cover - another transformers: weights on request only
+        return False
+    collected = _active_collector.get()
+    return bool(collected) and any("attentions" in name for name in collected)
+
+
+def lens_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The function registered as "lens": sdpa's output, plus what an attached `AttentionLens` asks of this layer
+    and exact weights whenever transformers records attentions (`output_attentions=True`)."""
+    site: LensSite | None = getattr(module, "_lens_site", None)
+    request = site.request if site is not None else None
+    recording = kwargs.get("output_attentions") or _recording_attentions()
+    if recording and (request is None or not request.weights):
+        request = LayerRequest(weights=True) if request is None else _with_weights(request)
+    output, weights = attend(module, query, key, value, attention_mask, scaling, dropout, request, **kwargs)
+    if site is not None and site.request.weights and weights is not None:
+        site.lens.weights[site.index] = weights
+    return output, weights
+
+
+def _with_weights(request: LayerRequest) -> LayerRequest:
+    copy = LayerRequest(**{f: getattr(request, f) for f in request.__dataclass_fields__})
+    copy.weights = True
+    return copy
+
+
+def register() -> None:
+    """Register "lens" with transformers' attention and mask interfaces (sdpa's boolean masks)."""
+    AttentionInterface.register(LENS, lens_attention_forward)
+    AttentionMaskInterface.register(LENS, sdpa_mask)
+
+
+register()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Finding the attention modules and what their calls pass
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _forward_source(cls: type) -> str | None:
+    try:
+        return textwrap.dedent(inspect.getsource(cls.forward))
+    except (OSError, TypeError):
+        return None
+
+
+def interface_keywords(cls: type) -> set[str] | None:
+    """The keywords a module class passes to its attention function (read from its forward's source), or None
+    when its forward does not call through transformers' attention interface."""
+    source = _forward_source(cls)
+    if source is None or "ALL_ATTENTION_FUNCTIONS" not in source:
+        return None
+    tree = ast.parse(source)
+    names = {"attention_interface"}
+    for node in ast.walk(tree):  # names bound to ALL_ATTENTION_FUNCTIONS[...] / .get_interface(...)
+        if isinstance(node, ast.Assign | ast.AnnAssign) and "ALL_ATTENTION_FUNCTIONS" in ast.unparse(node.value):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names |= {t.id for t in targets if isinstance(t, ast.Name)}
+    keywords: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in names:
+            keywords |= {k.arg for k in node.keywords if k.arg is not None}
+    return keywords
+
+
+def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module, nn.Module | None]]:
+    """(name, module, parent) of every module whose forward calls the attention interface, in model order."""
+    found, parents = [], {}
+    for name, module in model.named_modules():
+        for child in module.children():
+            parents.setdefault(id(child), module)
+        if interface_keywords(type(module)) is not None:
+            found.append((name, module, parents.get(id(module))))
+    return found
+
+
+def unsupported_keywords(cls: type) -> set[str]:
+    keywords = interface_keywords(cls) or set()
+    return keywords - IGNORED_KEYWORDS - HANDLED_KEYWORDS - {"cache"}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The Python API
+# --------------------------------------------------------------------------------------------------------------
+
+Selection = Iterable[int] | str | None
+
+
+class AttentionLens:
+    """Attach the lens to a model: choose layers, heads, interventions and statistics; read the results.
+
+    Layers are the model's attention modules in order (`lens.layer_names`: self-attention and cross-attention of
+    an encoder-decoder each count), by index (negative allowed) or "all". Example on SmolLM2:
+
+        >>> with AttentionLens(model, weights=[3], ablate={5: [0, 2]}, statistics="all") as lens:
+        ...     out = model(**batch)
+        >>> lens.weights[3].shape          # (B, H, T, S), exact, from the kernel's log-sum-exp
+        >>> lens.statistics()[10]["first_token_mass"]   # (B, H) mean over queries
+
+    `ablate` {layer: heads} zeroes heads (`ablate_with="mean"`: their mean output over the batch and queries);
+    `scale` {layer: {head: factor}}; `keep` {layer: heads} zeroes every other head; `knockout` {layer: bool tensor
+    (B|1, H|1, T, S)} removes query→key edges before the softmax; `norms` lists layers for ‖α f(x)‖
+    (`output_projection` names W_O where it is not one of OUTPUT_PROJECTIONS). Every argument is checked when the
+    lens is built, before any forward; entering switches the model to "lens" and leaving (also on an exception)
+    restores its previous attention implementation and removes every trace of the lens."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        weights: Selection = None,
+        ablate: Mapping[int, Sequence[int]] | None = None,
+        ablate_with: str = "zero",
+        scale: Mapping[int, Mapping[int, float]] | None = None,
+        keep: Mapping[int, Sequence[int]] | None = None,
+        knockout: Mapping[int, torch.Tensor] | None = None,
+        statistics: Selection = None,
+        special_mask: torch.Tensor | Mapping[int, torch.Tensor] | None = None,
+        query_mask: Mapping[int, torch.Tensor] | None = None,
+        block_size: int = 256,
+        norms: Selection = None,
+        output_projection: str | None = None,
+    ) -> None:
+        self.model = model
+        self.weights: dict[int, torch.Tensor] = {}
+        self.norms: dict[int, torch.Tensor] = {}
+        self._stats: dict[int, StreamingStats] = {}
+        self._previous: str | None = None
+        found = attention_modules(model)
+        if not found:
+            raise ValueError(
+                f"{type(model).__name__}: no attention module calls transformers' attention interface "
+                "(ALL_ATTENTION_FUNCTIONS), so attn_implementation='lens' cannot reach it"
+            )
+        self.layer_names = [name for name, _, _ in found]
+        if ablate_with not in HEAD_ABLATIONS:
+            raise ValueError(f"ablate_with={ablate_with!r}: allowed {HEAD_ABLATIONS}")
+        if not isinstance(block_size, int) or block_size < 1:
+            raise ValueError(f"block_size={block_size!r}: must be a positive integer")
+        self._refuse_unsupported(found)
+        self._sites = [self._site(i, name, module) for i, (name, module, _) in enumerate(found)]
+        self._plan(found, weights, ablate, ablate_with, scale, keep, knockout, statistics, norms, output_projection)
+        self._plan_stats(statistics, special_mask, query_mask, block_size)
+
+    # -- validation -------------------------------------------------------------------------------------------
+
+    def _refuse_unsupported(self, found) -> None:
+        for name, module, _ in found:
+            bad = unsupported_keywords(type(module))
+            if bad:
+                raise ValueError(
+                    f"{type(self.model).__name__}: attention module {name!r} ({type(module).__name__}) passes "
+                    f"{sorted(bad)} to its attention function; the lens cannot make that exact, so it refuses "
+                    f"the model (handled keywords: {sorted(HANDLED_KEYWORDS)})"
+                )
+
+    def _site(self, index: int, name: str, module: nn.Module) -> LensSite:
+        heads = _num_heads(module)
+        return LensSite(index, name, module, heads, LayerRequest(), self)
+
+    def _layer(self, layer: Any, argument: str) -> int:
+        count = len(self._sites)
+        if isinstance(layer, bool) or not isinstance(layer, int) or not -count <= layer < count:
+            raise ValueError(
+                f"{argument}: layer {layer!r} is not an attention layer of {type(self.model).__name__}; allowed "
+                f"0..{count - 1} (or negative), {count} attention modules: {self.layer_names[:4]}..."
+            )
+        return layer % count
+
+    def _layers(self, selection: Selection, argument: str) -> list[int]:
+        if selection is None:
+            return []
+        if selection == "all":
+            return list(range(len(self._sites)))
+        if isinstance(selection, str):
+            raise ValueError(f"{argument}={selection!r}: allowed 'all', None or a list of layer indices")
+        return sorted({self._layer(i, argument) for i in selection})
+
+    def _heads(self, layer: int, heads: Iterable[int], argument: str) -> list[int]:
+        count = self._sites[layer].num_heads
+        heads = list(heads)
+        bad = [h for h in heads if isinstance(h, bool) or not isinstance(h, int) or not 0 <= h < count]
+        if bad:
+            raise ValueError(
+                f"{argument}: heads {bad} of layer {layer} ({self.layer_names[layer]}) do not exist; "
+                f"{type(self.model).__name__} has {count} heads there, allowed 0..{count - 1}"
+            )
+        return heads
+
+    # -- the plan ---------------------------------------------------------------------------------------------
+
+    def _plan(self, found, weights, ablate, ablate_with, scale, keep, knockout, statistics, norms, projection):
+        for layer in self._layers(weights, "weights"):
+            self._sites[layer].request.weights = True
+        for layer, heads in (ablate or {}).items():
+            layer = self._layer(layer, "ablate")
+            heads = self._heads(layer, heads, "ablate")
+            if ablate_with == "mean":
+                self._request(layer).mean_heads = tuple(sorted(set(self._request(layer).mean_heads) | set(heads)))
+            else:
+                self._scale(layer)[heads] = 0.0
+        for layer, factors in (scale or {}).items():
+            layer = self._layer(layer, "scale")
+            for head in self._heads(layer, factors, "scale"):
+                factor = factors[head]
+                if not isinstance(factor, int | float) or not math.isfinite(factor):
+                    raise ValueError(f"scale: factor {factor!r} for head {head} of layer {layer} must be finite")
+                self._scale(layer)[head] *= float(factor)
+        for layer, heads in (keep or {}).items():
+            layer = self._layer(layer, "keep")
+            kept = self._heads(layer, heads, "keep")
+            dropped = [h for h in range(self._sites[layer].num_heads) if h not in kept]
+            self._scale(layer)[dropped] = 0.0
+        for layer, edges in (knockout or {}).items():
+            layer = self._layer(layer, "knockout")
+            if not isinstance(edges, torch.Tensor) or edges.dtype != torch.bool or edges.dim() != 4:
+                raise ValueError(f"knockout[{layer}] must be a bool tensor (B|1, H|1, T, S), got {_describe(edges)}")
+            self._request(layer).knockout = edges
+        for layer in self._layers(norms, "norms"):
+            name, module, parent = found[layer]
+            request = self._request(layer)
+            request.norms, request.weights = True, request.weights
+            request.projection = find_output_projection(module, parent, projection)
+
+    def _plan_stats(self, statistics, special_mask, query_mask, block_size) -> None:
+        for layer in self._layers(statistics, "statistics"):
+            special = special_mask.get(layer) if isinstance(special_mask, Mapping) else special_mask
+            queries = (query_mask or {}).get(layer)
+            self._stats[layer] = self._request(layer).stats = StreamingStats(block_size, special, queries)
+
+    def _request(self, layer: int) -> LayerRequest:
+        return self._sites[layer].request
+
+    def _scale(self, layer: int) -> torch.Tensor:
+        request = self._request(layer)
+        if request.head_scale is None:
+            request.head_scale = torch.ones(self._sites[layer].num_heads)
+        return request.head_scale
+
+    # -- attaching ----------------------------------------------------------------------------------------------
+
+    def __enter__(self) -> AttentionLens:
+        self._previous = _implementation(self.model)
+        for site in self._sites:
+            site.request.site = site
+            site.module._lens_site = site
+        _set_implementation(self.model, LENS)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for site in self._sites:
+            if getattr(site.module, "_lens_site", None) is site:
+                del site.module._lens_site
+        if self._previous is not None:
+            _set_implementation(self.model, self._previous)
+
+    def statistics(self) -> dict[int, dict[str, torch.Tensor]]:
+        """Per layer: (B, H) means over valid queries of entropy, distance, first_token_mass (and special_mass),
+        and `received` (B, H, S), summed over every forward run inside the lens."""
+        return {layer: stats.means() for layer, stats in self._stats.items() if stats.count is not None}
+
+    def reset(self) -> None:
+        """Forget the results (weights, norms, statistics) of earlier forwards."""
+        self.weights.clear()
+        self.norms.clear()
+        for stats in self._stats.values():
+            stats.sums.clear()
+            stats.count = None
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+    return repr(value)
+
+
+def _num_heads(module: nn.Module) -> int:
+    for name in ("num_heads", "num_attention_heads", "n_heads", "n_head", "heads"):
+        value = getattr(module, name, None)
+        if isinstance(value, int):
+            return value
+    config = getattr(module, "config", None)
+    for name in ("num_attention_heads", "n_head", "num_heads", "encoder_attention_heads"):
+        value = getattr(config, name, None)
+        if isinstance(value, int):
+            return value
+    raise ValueError(f"{type(module).__name__}: cannot tell its number of heads (no num_heads attribute)")
+
+
+def _implementation(model: nn.Module) -> str:
+    return getattr(model.config, "_attn_implementation", None) or "eager"
+
+
+def _set_implementation(model: nn.Module, name: str) -> None:
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(name)
+    else:
+        model.config._attn_implementation = name
+
+
+__all__ = [
+    "LENS",
+    "AttentionLens",
+    "LayerRequest",
+    "StreamingStats",
+    "attend",
+    "attention_modules",
+    "find_output_projection",
+    "head_value_norms",
+    "lens_attention_forward",
+    "weights_from_lse",
+]
