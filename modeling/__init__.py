@@ -1,6 +1,7 @@
 """The course Transformer as a Hugging Face model family.
 
-Importing this package registers `course_transformer` with the Auto classes, and marks every class for remote
+Importing this package registers the attention lens (`attn_implementation="lens"`, for any transformers model; see
+attention_lens.py) and `course_transformer` with the Auto classes, and marks every class for remote
 code, so that `save_pretrained` writes `auto_map` and copies the model code into the saved folder: the folder
 then loads with `trust_remote_code=True` in a process where this package is not installed.
 """
@@ -15,6 +16,7 @@ from transformers import (
     AutoModelForTokenClassification,
 )
 
+from .attention_lens import LENS, AttentionLens
 from .configuration_course_transformer import CourseTransformerConfig
 from .modeling_course_transformer import (
     CourseTransformerForCausalLM,
@@ -45,6 +47,8 @@ for _auto_class, _model_class in AUTO_CLASSES.items():
     _model_class.register_for_auto_class(_auto_class.__name__)
 
 __all__ = [
+    "LENS",
+    "AttentionLens",
     "CourseTransformerConfig",
     "CourseTransformerPreTrainedModel",
     "CourseTransformerModel",

@@ -223,7 +223,16 @@ def weights_from_lse(
 ) -> torch.Tensor:
     """The exact softmax weights (B, H, T, S) in at least fp32 from the kernel's lse."""
     weights = scores_minus_lse(query, key, lse, mask, scaling).exp_()  # (B, H, T, S)
-    return uniform_dead_rows(weights, mask)
+    return uniform_dead_rows(renormalise(weights), mask)
+
+
+def renormalise(weights: torch.Tensor) -> torch.Tensor:
+    """Divide each row by its sum, in place. The CPU kernel's lse is itself rounded (its vectorised exp): on one
+    Xeon it was off by up to 6.4e-6 from a float64 logsumexp at MiniLM's score scale, so exp(s − lse) rows summed
+    to 1 ± 6e-6. The lse still does the work that matters (no max pass, no overflow); one row-sum pass removes its
+    rounding and leaves the weights within fp32 rounding of eager's softmax. All-masked rows (sum 0) are replaced
+    afterwards by `uniform_dead_rows`."""
+    return weights.div_(weights.sum(-1, keepdim=True).clamp_(min=torch.finfo(weights.dtype).tiny))
 
 
 def uniform_dead_rows(weights: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -320,7 +329,7 @@ def accumulate_stats(
         rows = slice(start, min(start + stats.block_size, length))
         block_mask = None if mask is None else mask[:, :, rows]
         p = scores_minus_lse(query[:, :, rows], key, lse[:, :, rows], block_mask, scaling).exp_()  # (B, H, b, S)
-        p = uniform_dead_rows(p, block_mask)
+        p = uniform_dead_rows(renormalise(p), block_mask)
         weight = valid[:, rows].float()[:, None]  # (B, 1, b)
         moments = torch.matmul(p, basis)  # (B, H, b, 2|3)
         position = torch.arange(rows.start, rows.stop, device=query.device, dtype=torch.float32) + offset  # (b,)
@@ -430,7 +439,7 @@ def attend(
     if (request is None or not request.needs_scores) and softcap is None and sinks is None:
         passed = {k: v for k, v in kwargs.items() if k in ("position_bias", "is_causal")}
         output, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **passed)
-        return _intervene(output, None, request), None
+        return intervene(output, None, request)
     groups = query.shape[1] // key.shape[1]
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)  # (B, H, S, D): weights are per query head
     causal = _is_causal(module, query, attention_mask, kwargs.get("is_causal"))
@@ -438,6 +447,8 @@ def attend(
     mask = additive_mask(query, key, attention_mask, causal, kwargs.get("position_bias"), knockout)
     reason = "softcap: no fused kernel caps the scores" if softcap is not None else lse_unavailable(query, dropout)
     if reason is not None:
+        if softcap is None:
+            _warn_once(reason)
         weights = eager_softmax(query, key, mask, scaling, softcap)  # (B, H, T, S)
         if sinks is not None:
             raise ValueError(f"{type(module).__name__}: attention sinks (s_aux) need the lse path, but {reason}")
@@ -455,12 +466,19 @@ def attend(
         weights = weights_from_lse(query, key, lse, mask, scaling) if wants_full else None
     output = output.transpose(1, 2)  # (B, T, H, D)
     _record(module, request, query, key, value, lse, weights, mask, scaling)
-    output, weights = _intervene(output, weights, request), weights
-    if weights is not None and request is not None and request.head_scale is not None:
-        weights = weights * request.head_scale.to(weights.dtype).view(1, -1, 1, 1)
+    output, weights = intervene(output, weights, request)
     if request is None or not request.weights:
         weights = None
     return output.contiguous(), (weights.to(query.dtype) if weights is not None else None)
+
+
+_warned_reasons: set[str] = set()
+
+
+def _warn_once(reason: str) -> None:
+    if reason not in _warned_reasons:
+        _warned_reasons.add(reason)
+        logger.warning(f"attention lens: exact weights from eager math, not the fused kernel: {reason}")
 
 
 def _record(module, request, query, key, value, lse, weights, mask, scaling) -> None:
@@ -478,18 +496,24 @@ def _record(module, request, query, key, value, lse, weights, mask, scaling) -> 
         request.site.lens.norms[request.site.index] = (weights * norms[:, :, None, :]).to(query.dtype)  # (B,H,T,S)
 
 
-def _intervene(output: torch.Tensor, weights: torch.Tensor | None, request: LayerRequest | None) -> torch.Tensor:
+def intervene(
+    output: torch.Tensor, weights: torch.Tensor | None, request: LayerRequest | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Head interventions on the output (B, T, H, D): zeroing a head here equals zeroing its slice of W_O's input,
-    since the heads are concatenated and projected right after."""
+    since the heads are concatenated and projected right after. A scaled head's weights (B, H, T, S) are scaled
+    alike (output = weights @ V), as a head mask reads; a mean-ablated head keeps its weights."""
     if request is None:
-        return output
+        return output, weights
     if request.mean_heads:
         heads = list(request.mean_heads)
         output = output.clone()
         output[:, :, heads] = output[:, :, heads].mean((0, 1), keepdim=True)  # (1, 1, h, D) broadcast
     if request.head_scale is not None:
-        output = output * request.head_scale.to(output.dtype).view(1, 1, -1, 1)  # (B, T, H, D)
-    return output
+        scale = request.head_scale.to(device=output.device, dtype=output.dtype)  # (H,)
+        output = output * scale.view(1, 1, -1, 1)  # (B, T, H, D)
+        if weights is not None:
+            weights = weights * scale.to(weights.dtype).view(1, -1, 1, 1)  # (B, H, T, S)
+    return output, weights
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -515,25 +539,37 @@ def lens_attention_forward(
     attention_mask: torch.Tensor | None,
     scaling: float | None = None,
     dropout: float = 0.0,
+    request: LayerRequest | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The function registered as "lens": sdpa's output, plus what an attached `AttentionLens` asks of this layer
     and exact weights whenever transformers records attentions (`output_attentions=True`)."""
     site: LensSite | None = getattr(module, "_lens_site", None)
-    request = site.request if site is not None else None
-    recording = kwargs.get("output_attentions") or _recording_attentions()
-    if recording and (request is None or not request.weights):
-        request = LayerRequest(weights=True) if request is None else _with_weights(request)
+    # A model that passes its own request (ours: `output_attentions` per layer through `attention_layers`) decides
+    # about weights; any other model gets them whenever transformers records attentions.
+    if request is None and (kwargs.get("output_attentions") or _recording_attentions()):
+        request = LayerRequest(weights=True)
+    request = _merged(site.request if site is not None else None, request)
     output, weights = attend(module, query, key, value, attention_mask, scaling, dropout, request, **kwargs)
     if site is not None and site.request.weights and weights is not None:
         site.lens.weights[site.index] = weights
     return output, weights
 
 
-def _with_weights(request: LayerRequest) -> LayerRequest:
-    copy = LayerRequest(**{f: getattr(request, f) for f in request.__dataclass_fields__})
-    copy.weights = True
-    return copy
+def _merged(first: LayerRequest | None, second: LayerRequest | None) -> LayerRequest | None:
+    """One request asking what either asks (the lens's plan for a layer, and a model's own head mask or weights):
+    weights if either wants them, head scales multiplied, the first's statistics, knock-out and norms."""
+    if first is None or second is None:
+        return first if second is None else second
+    merged = LayerRequest(**{name: getattr(first, name) for name in first.__dataclass_fields__})
+    merged.weights = first.weights or second.weights
+    merged.mean_heads = tuple(sorted(set(first.mean_heads) | set(second.mean_heads)))
+    scales = [r.head_scale for r in (first, second) if r.head_scale is not None]
+    if len(scales) == 2:
+        merged.head_scale = scales[0].to(scales[1].device) * scales[1]
+    elif scales:
+        merged.head_scale = scales[0]
+    return merged
 
 
 def register() -> None:
@@ -820,6 +856,7 @@ __all__ = [
     "attention_modules",
     "find_output_projection",
     "head_value_norms",
+    "intervene",
     "lens_attention_forward",
     "weights_from_lse",
 ]

@@ -52,6 +52,7 @@ from transformers.utils import TransformersKwargs, can_return_tuple, logging
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
+from .attention_lens import LENS, LayerRequest, intervene, lens_attention_forward
 from .configuration_course_transformer import CourseTransformerConfig
 
 logger = logging.get_logger(__name__)
@@ -349,128 +350,6 @@ def eager_attention_forward(
     return output.transpose(1, 2).contiguous(), weights  # (B, T, H, D), (B, H, T, S)
 
 
-# The fused kernels that also return the log-sum-exp of each query's scores, lse = log Σ_j exp(s_ij): with it the
-# softmax weights are P = exp(s - lse), one pass over the scores with no reduction, while the kernel computes the
-# output. CPU: torch's flash kernel for CPU (float masks only, no dropout). CUDA: the memory-efficient kernel, which
-# takes an additive bias and returns the lse when asked. Anything else falls back to eager (`_lse_unavailable`).
-_CPU_LSE_KERNEL = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-_CUDA_LSE_KERNEL = getattr(torch.ops.aten, "_scaled_dot_product_efficient_attention", None)
-_LSE_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-_warned_lse_reasons: set[str] = set()
-
-
-def _lse_unavailable(query: torch.Tensor, dropout: float) -> str | None:
-    """Why the log-sum-exp path cannot give this layer's weights exactly (None when it can)."""
-    if dropout > 0.0:
-        return "attention dropout is active (training): the kernel's dropped weights are not recoverable from its lse"
-    if torch.is_grad_enabled() and query.requires_grad:
-        return "gradients are enabled: the kernels' lse output has no derivative, eager's softmax graph has"
-    if query.dtype not in _LSE_DTYPES:
-        return f"dtype {query.dtype} has no lse kernel"
-    if query.device.type == "cpu" and _CPU_LSE_KERNEL is None:
-        return "this torch has no _scaled_dot_product_flash_attention_for_cpu"
-    if query.device.type == "cuda" and _CUDA_LSE_KERNEL is None:
-        return "this torch has no _scaled_dot_product_efficient_attention"
-    if query.device.type == "cuda" and query.dtype == torch.float64:
-        return "the CUDA memory-efficient kernel has no float64 path"
-    if query.device.type not in ("cpu", "cuda"):
-        return f"no lse kernel is wired for device {query.device.type!r}"
-    return None
-
-
-def _additive_mask(
-    module: nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    position_bias: torch.Tensor | None,
-) -> tuple[torch.Tensor | None, bool]:
-    """The bias + mask term of the scores as one float tensor in the query's dtype (the kernels take no boolean
-    mask), or None with `is_causal` when the kernel's own causal flag expresses it. Same semantics as eager."""
-    length, key_length, dtype = query.shape[2], key.shape[2], query.dtype
-    causal_only = attention_mask is None and module.is_causal and length > 1
-    if position_bias is None and attention_mask is None:
-        return None, causal_only  # no mask, or top-left causal exactly as eager's triu(1)
-    low = torch.finfo(dtype).min
-    if attention_mask is None:
-        mask = torch.zeros(1, 1, length, key_length, dtype=dtype, device=query.device)  # (1, 1, T, S)
-        if causal_only:
-            mask.masked_fill_(torch.ones_like(mask, dtype=torch.bool).triu(1), low)
-    elif attention_mask.dtype == torch.bool:
-        mask = torch.zeros(attention_mask.shape, dtype=dtype, device=query.device)  # (B|1, 1, T, S)
-        mask.masked_fill_(~attention_mask, low)
-    else:
-        mask = attention_mask.to(dtype)
-    if position_bias is not None:
-        mask = mask + position_bias.to(dtype)  # (1|B, H, T, S): ALiBi
-    return mask, False
-
-
-def _run_lse_kernel(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    mask: torch.Tensor | None,
-    is_causal: bool,
-    scaling: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The fused kernel's output (B, H, T, D) and log-sum-exp (B, H, T), in fp32 for half precision."""
-    if query.device.type == "cuda":
-        bias = None if mask is None else mask.expand(query.shape[0], query.shape[1], -1, -1)  # (B, H, T, S)
-        output, lse = _CUDA_LSE_KERNEL(query, key, value, bias, True, 0.0, is_causal, scale=scaling)[:2]
-        return output, lse[..., : query.shape[2]]  # the efficient kernel pads the lse's query dimension
-    return _CPU_LSE_KERNEL(query, key, value, 0.0, is_causal, attn_mask=mask, scale=scaling)
-
-
-def lse_attention_forward(
-    module: nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    scaling: float,
-    dropout: float = 0.0,
-    position_bias: torch.Tensor | None = None,
-    **kwargs,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The fused kernel's output plus the exact weights P = exp(scale·QKᵀ + bias + mask − lse) from its lse.
-
-    Same arguments and return as `eager_attention_forward` (output (B, T, H, D), weights (B, H, T, S)); where no lse
-    path applies (`_lse_unavailable`: dropout, gradients, dtype, device) it runs eager and logs the reason once."""
-    reason = _lse_unavailable(query, dropout)
-    if reason is None and key.shape[1] != query.shape[1]:
-        reason = "keys have fewer heads than queries"
-    if reason is not None:
-        if reason not in _warned_lse_reasons:
-            _warned_lse_reasons.add(reason)
-            logger.warning(f"output_attentions: exact weights from eager attention, not the fused kernel: {reason}")
-        return eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout, position_bias)
-    mask, is_causal = _additive_mask(module, query, key, attention_mask, position_bias)
-    output, lse = _run_lse_kernel(query, key, value, mask, is_causal, scaling)  # (B, H, T, D), (B, H, T)
-    # The scores again, exponentiated against the kernel's normaliser: no max, no sum, no softmax graph. One GEMM
-    # writes scale·QKᵀ − lse (baddbmm scales the product and adds −lse as it stores; scaling Q first instead rounds
-    # differently from eager, 8e-6 on MiniLM's first layer), in at least fp32 as the kernels accumulate; then one
-    # masking pass and one exp pass over the T×S scores.
-    batch, heads, length, dim = query.shape
-    compute = torch.promote_types(query.dtype, torch.float32)
-    queries = query.to(compute).reshape(batch * heads, length, dim)  # (BH, T, D)
-    keys_t = key.to(compute).reshape(batch * heads, key.shape[2], dim).transpose(1, 2)  # (BH, D, S)
-    shift = lse.to(compute).neg().reshape(batch * heads, length, 1)  # (BH, T, 1)
-    scores = torch.baddbmm(shift, queries, keys_t, alpha=scaling).view(batch, heads, length, -1)  # (B, H, T, S)
-    if mask is not None:
-        scores.add_(mask)  # (B|1, H|1, T, S) broadcast; finfo.min entries exponentiate to 0
-    elif is_causal:
-        future = torch.ones(scores.shape[-2:], dtype=torch.bool, device=query.device).triu(1)  # (T, S)
-        scores.masked_fill_(future, float("-inf"))
-    weights = scores.exp_()  # (B, H, T, S)
-    # A row whose keys are all masked: eager's softmax over equal scores is uniform, while the kernel's lse equals
-    # finfo.min and exp(0) = 1 per key. Give those rows eager's answer.
-    dead = lse.to(compute) <= torch.finfo(query.dtype).min / 2  # (B, H, T)
-    if bool(dead.any()):
-        weights = torch.where(dead.unsqueeze(-1), 1.0 / key.shape[2], weights)
-    return output.transpose(1, 2).contiguous(), weights.to(query.dtype)  # (B, T, H, D), (B, H, T, S)
-
-
 # --------------------------------------------------------------------------------------------------------------
 # Fast decoding: linear layers that read their weight in the layout this CPU streams fastest
 # --------------------------------------------------------------------------------------------------------------
@@ -714,6 +593,33 @@ class CourseTransformerAttention(nn.Module):
             past_key_values.is_updated[self.layer_idx] = True
         return key, value
 
+    def _attend(self, query, key, value, attention_mask, position_bias, head_mask, output_attentions, **kwargs):
+        """Q (B, H, T, D), K and V (B, H, S, D) -> output (B, T, H, D) and weights (B, H, T, S) or None.
+
+        Eager runs the course math above. Any other backend runs its kernel, unless this layer's weights or a head
+        mask are asked for: then the attention lens (attention_lens.py) gives the fused kernel's output and the exact
+        weights from its log-sum-exp, and applies the head mask, as it does for any transformers model."""
+        implementation = self.config._attn_implementation or "eager"
+        if position_bias is not None:  # ALiBi's bias belongs to the original heads
+            kwargs["position_bias"] = position_bias[:, self.kept_heads] if self.pruned_heads else position_bias
+        if head_mask is not None:
+            head_mask = head_mask[self.kept_heads] if self.pruned_heads else head_mask  # (H,) -> (H_kept,)
+        dropout = self.attention_dropout if self.training else 0.0
+        if self.num_heads == 0:  # every head pruned: the sub-layer adds W_O's bias only
+            return _no_heads_attention(self, query, key)
+        if implementation == "eager":
+            output, weights = eager_attention_forward(
+                self, query, key, value, attention_mask, scaling=self.scaling, dropout=dropout, **kwargs
+            )  # (B, T, H, D), (B, H, T, S)
+            return intervene(output, weights, LayerRequest(head_scale=head_mask))
+        if output_attentions or head_mask is not None or implementation == LENS:
+            request = LayerRequest(weights=output_attentions, head_scale=head_mask)
+            return lens_attention_forward(
+                self, query, key, value, attention_mask, self.scaling, dropout, request=request, **kwargs
+            )
+        attention_fn = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
+        return attention_fn(self, query, key, value, attention_mask, scaling=self.scaling, dropout=dropout, **kwargs)
+
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -744,39 +650,9 @@ class CourseTransformerAttention(nn.Module):
                     cache = past_key_values.self_attention_cache
                 key, value = cache.update(key, value, self.layer_idx)  # (B, H, S, D): S = P + T, or the static size
 
-        implementation = self.config._attn_implementation or "eager"
-        if implementation == "eager":
-            attention_fn: Callable = eager_attention_forward
-        elif output_attentions:
-            # Weights were asked for under a fast backend: the fused kernel gives the output and its log-sum-exp,
-            # from which the weights are exact (eager, with a logged reason, where no such kernel applies).
-            attention_fn = lse_attention_forward
-        else:
-            attention_fn = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
-        if self.num_heads == 0:  # every head pruned: the sub-layer adds W_O's bias only
-            attention_fn = _no_heads_attention
-        if position_bias is not None:
-            kwargs["position_bias"] = position_bias[:, self.kept_heads] if self.pruned_heads else position_bias
-        output, weights = attention_fn(
-            self,
-            query,
-            key,
-            value,
-            attention_mask,
-            scaling=self.scaling,
-            dropout=self.attention_dropout if self.training else 0.0,
-            **kwargs,
-        )  # (B, T, H, D), and (B, H, T, S) from eager (flex returns its log-sum-exp here: not weights)
-
-        if head_mask is not None:
-            # Zeroing a head's output equals zeroing its attention weights (output = weights @ V), so ablation
-            # works with every kernel, fused ones included.
-            head_mask = head_mask.to(output.dtype)
-            if self.pruned_heads:
-                head_mask = head_mask[self.kept_heads]  # (H,) original heads -> (H_kept,)
-            output = output * head_mask.view(1, 1, self.num_heads, 1)  # (B, T, H, D)
-            if output_attentions:
-                weights = weights * head_mask.view(1, self.num_heads, 1, 1)
+        output, weights = self._attend(
+            query, key, value, attention_mask, position_bias, head_mask, output_attentions, **kwargs
+        )  # (B, T, H_kept, D), (B, H_kept, T, S) or None
         if output_attentions and self.pruned_heads:
             weights = self._with_pruned_heads(weights)  # (B, H, T, S) in the original head indices
         output = output.reshape(batch, length, self.num_heads * self.head_dim)  # (B, T, H_kept * D): concat heads

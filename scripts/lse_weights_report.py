@@ -35,7 +35,6 @@ from evaluation.benchmark import (
     interleaved,
     peak_memory_bytes,
 )
-from modeling import modeling_course_transformer as mct
 
 EXACTNESS_CASES = {
     "causal": dict(architecture="decoder", lengths=[7, 7]),
@@ -51,13 +50,15 @@ EXACTNESS_CASES = {
 
 @contextmanager
 def eager_recorded_layers():
-    """Recorded layers run the eager math, as before the lse path existed."""
-    saved = mct.lse_attention_forward
-    mct.lse_attention_forward = mct.eager_attention_forward
+    """Recorded layers run the eager math, as before the lse path existed: the lens is told no kernel applies."""
+    from modeling import attention_lens
+
+    saved = attention_lens.lse_unavailable
+    attention_lens.lse_unavailable = lambda query, dropout: "the report's eager baseline"
     try:
         yield
     finally:
-        mct.lse_attention_forward = saved
+        attention_lens.lse_unavailable = saved
 
 
 def _tiny_model(architecture: str, backend: str, **fields):

@@ -151,15 +151,15 @@ def test_attention_layers_selects_layers_and_others_keep_fast_kernel(monkeypatch
     ids = torch.randint(3, VOCAB, (1, 7), generator=torch.Generator().manual_seed(3))
     full = model(ids, output_attentions=True)
     calls = []
-    original = mct.eager_attention_forward
+    original = mct.lens_attention_forward
 
-    def counting(module, *args, **kwargs):
-        calls.append(module.layer_idx)
-        return original(module, *args, **kwargs)
+    def counting(module, *args, request=None, **kwargs):
+        calls.append((module.layer_idx, request.weights))
+        return original(module, *args, request=request, **kwargs)
 
-    monkeypatch.setattr(mct, "eager_attention_forward", counting)
+    monkeypatch.setattr(mct, "lens_attention_forward", counting)
     part = model(ids, output_attentions=True, attention_layers=[-1])
-    assert calls == [2]  # only the chosen layer ran the eager path
+    assert calls == [(2, True)]  # only the chosen layer asked the attention lens for weights
     assert len(part.attentions) == 1
     # Layers 0-1 ran sdpa here and eager math in `full`: layer 2 reads inputs that differ by fp32 kernel rounding
     # (~1e-7), so its weights agree to that rounding, not bitwise.

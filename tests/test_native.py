@@ -570,7 +570,13 @@ for arch, names in json.loads({expected!r}).items():
         hidden = model(**inputs).last_hidden_state
     loaded = {{n: type(getattr(transformers, n).from_pretrained(arch, trust_remote_code=True)).__name__
               for n in names if n not in ("AutoConfig", "AutoModel")}}
-    out[arch] = {{"hidden": hidden.tolist(), "module": type(model).__module__, "loaded": loaded}}
+    # The attention lens travels in the folder (attention_lens.py) and registers itself when the code loads.
+    lensed = transformers.AutoModel.from_pretrained(arch, trust_remote_code=True, attn_implementation="lens").eval()
+    with torch.no_grad():
+        seen = lensed(**inputs, output_attentions=True)
+    lens = {{"diff": (seen.last_hidden_state - hidden).abs().max().item(),
+             "weights": sum(len(getattr(seen, k, None) or ()) for k in ("attentions", "encoder_attentions"))}}
+    out[arch] = {{"hidden": hidden.tolist(), "module": type(model).__module__, "loaded": loaded, "lens": lens}}
 print(json.dumps(out))
 """
 
@@ -595,3 +601,4 @@ def test_remote_code_loads_with_automodel_in_a_fresh_process(tmp_path):
         torch.testing.assert_close(torch.tensor(result[arch]["hidden"]), expected[arch], atol=1e-5, rtol=0)
         heads = {AUTO_NAME[c]: c.__name__ for c in HEADS[arch]}
         assert result[arch]["loaded"] == heads
+        assert result[arch]["lens"]["diff"] <= 1e-5 and result[arch]["lens"]["weights"] > 0, result[arch]["lens"]
