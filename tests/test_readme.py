@@ -36,6 +36,14 @@ def test_python_blocks_run_in_order(tmp_path, monkeypatch):
     assert max((a - b).abs().max().item() for a, b in zip(namespace["ours"], namespace["theirs"])) <= 1e-5
     assert os.path.getsize(Path(namespace["folder"]) / "heatmap.png") > 10_000
     assert "<script" in namespace["html"].data
+    # The lens block: transformers' own BertModel under "lens" returns eager's weights (1e-5, fp32), and ablating
+    # two heads changes the output.
+    eager = namespace["bert"]  # loaded with eager attention by the earlier block
+    with torch.no_grad():
+        reference = eager(**namespace["batch"], output_attentions=True)
+    worst = max((a - b).abs().max().item() for a, b in zip(namespace["lens_weights"], reference.attentions))
+    assert len(namespace["lens_weights"]) == 6 and worst <= 1e-5
+    assert (namespace["ablated"] - reference.last_hidden_state).abs().max() > 1e-3
     # GPT-2 -> ours -> GPT-2: same logits (1e-5, fp32), bit-identical weights after the round trip.
     ids, gpt2, back = namespace["ids"], namespace["gpt2"], namespace["back"]
     assert (namespace["course"](ids).logits - gpt2(ids).logits).abs().max().item() <= 1e-5
