@@ -3,9 +3,9 @@
 One attention module serves self-attention (encoder), masked self-attention (decoder) and cross-attention
 (decoder over encoder states). Its eager path is the course math in one short function
 (`eager_attention_forward`); the fast kernels (sdpa, flash, flex) plug in through transformers' attention
-interface, and a layer whose weights are requested recovers them from the fused kernel's log-sum-exp (or runs
-the eager math where no such kernel applies), so `output_attentions=True` returns the exact softmax weights under
-every backend.
+interface, and a layer whose weights or head mask are requested goes through the attention lens
+(`attention_lens.py`, which serves any transformers model the same way): the fused kernel's output and the exact
+softmax weights from its log-sum-exp, under every backend.
 
 What transformers 5 provides is used as it is: masks from `masking_utils` (padding, causal, packed sequences
 through restarting `position_ids`, custom 4D masks, static caches, flex block masks), hidden states and attentions
