@@ -596,9 +596,10 @@ class CourseTransformerAttention(nn.Module):
     def _attend(self, query, key, value, attention_mask, position_bias, head_mask, output_attentions, **kwargs):
         """Q (B, H, T, D), K and V (B, H, S, D) -> output (B, T, H, D) and weights (B, H, T, S) or None.
 
-        Eager runs the course math above. Any other backend runs its kernel, unless this layer's weights or a head
-        mask are asked for: then the attention lens (attention_lens.py) gives the fused kernel's output and the exact
-        weights from its log-sum-exp, and applies the head mask, as it does for any transformers model."""
+        Eager runs the course math above, any other backend its kernel; a head mask scales the heads' outputs. When
+        this layer's weights are asked for under a fast backend (or the backend is "lens"), the attention lens
+        (attention_lens.py) gives the fused kernel's output and the exact weights from its log-sum-exp, as it does
+        for any transformers model."""
         implementation = self.config._attn_implementation or "eager"
         if position_bias is not None:  # ALiBi's bias belongs to the original heads
             kwargs["position_bias"] = position_bias[:, self.kept_heads] if self.pruned_heads else position_bias
@@ -607,18 +608,21 @@ class CourseTransformerAttention(nn.Module):
         dropout = self.attention_dropout if self.training else 0.0
         if self.num_heads == 0:  # every head pruned: the sub-layer adds W_O's bias only
             return _no_heads_attention(self, query, key)
-        if implementation == "eager":
-            output, weights = eager_attention_forward(
-                self, query, key, value, attention_mask, scaling=self.scaling, dropout=dropout, **kwargs
-            )  # (B, T, H, D), (B, H, T, S)
-            return intervene(output, weights, LayerRequest(head_scale=head_mask))
-        if output_attentions or head_mask is not None or implementation == LENS:
+        if output_attentions and implementation != "eager" or implementation == LENS:
             request = LayerRequest(weights=output_attentions, head_scale=head_mask)
             return lens_attention_forward(
                 self, query, key, value, attention_mask, self.scaling, dropout, request=request, **kwargs
             )
-        attention_fn = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
-        return attention_fn(self, query, key, value, attention_mask, scaling=self.scaling, dropout=dropout, **kwargs)
+        attention_fn = eager_attention_forward
+        if implementation != "eager":
+            attention_fn = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
+        output, weights = attention_fn(
+            self, query, key, value, attention_mask, scaling=self.scaling, dropout=dropout, **kwargs
+        )  # (B, T, H, D), and (B, H, T, S) from eager
+        if implementation != "eager":
+            weights = None  # none were asked for (flex returns its log-sum-exp in this place, sdpa None)
+        # Zeroing a head's output equals zeroing its weights (output = weights @ V): ablation under every kernel.
+        return intervene(output, weights, LayerRequest(head_scale=head_mask))
 
     def forward(
         self,
