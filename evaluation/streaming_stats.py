@@ -5,21 +5,19 @@ Per layer and head: entropy (nats), mean attention distance E|i − j| (tokens),
 Language Models with Attention Sinks") and mass on special tokens. Each query's statistics are means over the
 non-padding queries of each sequence, as in `evaluation/metrics/attention_entropy` and `attention_distance`.
 
-How: forward pre-hooks on the attention modules read each layer's input (hidden states, and RoPE's cos/sin where
-the model passes them), recompute Q and K with the module's own projections, and compute the weights one block of
-queries at a time: memory O(block · S) per head instead of O(T · S), for any backend the model runs under (the
-model's own forward never has to return weights). Nothing is stored between layers but the (L, B, H) sums and the
-(L, B, H, S) column sums.
+How: the model runs once under the attention lens (`modeling.attention_lens.AttentionLens(statistics=...)`): every
+attention module that goes through transformers' attention interface (ours, Llama/SmolLM2, Mistral with its sliding
+window, Qwen2/3 and OLMo2 with their q/k norms, GPT-2, BERT, BART, T5, ...) gets its output from the fused kernel,
+and the statistics come from that kernel's log-sum-exp, one block of queries at a time: memory O(block · S) per
+head instead of O(T · S), the model's own Q and K (after its projections, norms and rotary), the model's own mask.
+Nothing is stored between layers but the (L, B, H) sums and the (L, B, H, S) column sums.
 
-Supported attention modules (`adapter_for`):
-* ours, `CourseTransformerAttention`: self-attention of encoders and decoders (learned, sinusoidal, RoPE, ALiBi
-  positions) and cross-attention;
-* Llama-type HF modules (`q_proj`, `k_proj`, `head_dim`, RoPE through `position_embeddings`; grouped-query K/V
-  repeated per query head): Llama, SmolLM2, Mistral, Qwen2 (q/k norms are not applied: models with `q_norm` are
-  refused);
-* GPT-2 (`GPT2Attention`, fused `c_attn`; self-attention only, `scale_attn_by_inverse_layer_idx` honoured).
-Masks: causal (decoders), key padding from `attention_mask` (B, S) 0/1; no packed sequences, custom 4D masks,
-sliding windows or KV caches (one uncached forward).
+Masks: whatever the model builds from `attention_mask` (padding, causality, sliding windows); which queries count
+and which keys are special is decided per module (`_plan`): `attention_mask` / `special_mask` describe `input_ids`,
+a seq2seq decoder's self-attention reads `decoder_attention_mask`. One uncached forward.
+
+`block_stats` (from Q and K) and `stats_from_weights` (from a full weight matrix) are the same statistics written
+directly: the references the lens must equal (tests/test_streaming_stats.py).
 
 Notation: L layers, B batch, H heads, T queries, S keys, D head dim, b query block.
 """
@@ -27,15 +25,19 @@ Notation: L layers, B batch, H heads, T queries, S keys, D head dim, b query blo
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+import inspect
+from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from evaluation.head_gates import in_decoder, is_cross_attention
+from modeling.attention_lens import AttentionLens, attention_modules
 
 __all__ = [
     "AttentionStats",
-    "adapter_for",
     "block_stats",
     "stats_from_weights",
     "streaming_attention_stats",
@@ -51,7 +53,7 @@ class AttentionStats:
     distance: torch.Tensor
     first_token_mass: torch.Tensor
     special_mass: torch.Tensor | None
-    received: torch.Tensor  # column sums: Σ_i P_ij over the queries i of each sequence
+    received: torch.Tensor  # column sums Σ_i P_ij over the queries i; S the longest keys, shorter ones padded with 0
 
     def layer_means(self) -> dict[str, list[float]]:
         """Each statistic averaged over batch and heads, one value per layer."""
@@ -230,92 +232,81 @@ def stats_from_weights(
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Adapters: Q and K of one attention module from the inputs of its forward
+# The whole model, under the attention lens
 # --------------------------------------------------------------------------------------------------------------
 
-# An adapter maps (module, args, kwargs) of a forward call to (Q (B, H, T, D), K (B, Hk, S, D), scaling, causal,
-# ALiBi slopes or None), or None when the call is not one to measure.
-Adapter = Callable[[nn.Module, tuple, dict], tuple | None]
+
+@dataclasses.dataclass
+class _Site:
+    """One measured attention module: its index among the lens's layers, and what its keys and queries are."""
+
+    index: int
+    name: str
+    module: nn.Module
+    cross: bool  # keys are the encoder's tokens
+    seq2seq_decoder: bool  # self-attention of a seq2seq decoder: keys and queries are the decoder's tokens
 
 
-def _heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
-    return x.view(x.shape[0], x.shape[1], -1, head_dim).transpose(1, 2)  # (B, H, T, D)
+def _sites(model: nn.Module, layers: Sequence[int] | None) -> list[_Site]:
+    found = attention_modules(model)
+    if not found:
+        raise ValueError(
+            f"{type(model).__name__} has no attention module that goes through transformers' attention interface "
+            "(ALL_ATTENTION_FUNCTIONS), so the attention lens cannot measure it (see evaluation.streaming_stats)"
+        )
+    chosen = range(len(found))
+    if layers is not None:
+        bad = [i for i in layers if not -len(found) <= i < len(found)]
+        if bad:
+            raise ValueError(f"layers {bad} out of range: the model has {len(found)} attention modules")
+        chosen = sorted({i % len(found) for i in layers})
+    seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
+    sites = []
+    for index in chosen:
+        name, module, _ = found[index]
+        cross = is_cross_attention(name, module)
+        decoder = seq2seq and not cross and in_decoder(name, module)
+        sites.append(_Site(index, name, module, cross, decoder))
+    return sites
 
 
-def _hidden(args: tuple, kwargs: dict) -> torch.Tensor:
-    return args[0] if args else kwargs["hidden_states"]
+def _keys_of(site: _Site, inputs: dict, special_mask: torch.Tensor | None):
+    """(key padding mask (B, S), special mask) of one module, as `_masks_for` always did: `attention_mask` and
+    `special_mask` describe `input_ids`, the keys of encoder and decoder-only self-attention and of cross-attention;
+    a seq2seq decoder's self-attention reads `decoder_attention_mask` and has no special mask."""
+    if site.seq2seq_decoder:
+        return inputs.get("decoder_attention_mask"), None
+    return inputs.get("attention_mask"), special_mask
 
 
-def _ours(module: nn.Module, args: tuple, kwargs: dict, slopes: torch.Tensor | None):
-    from modeling.modeling_course_transformer import apply_rope
-
-    hidden = _hidden(args, kwargs)  # (B, T, C)
-    query = _heads(module.q_proj(hidden), module.head_dim)
-    if module.is_cross_attention:
-        key = _heads(module.k_proj(kwargs["key_value_states"]), module.head_dim)  # (B, H, S, D)
-        return query, key, module.scaling, False, None
-    key = _heads(module.k_proj(hidden), module.head_dim)
-    if kwargs.get("position_embeddings") is not None:
-        cos, sin = kwargs["position_embeddings"]
-        query, key = apply_rope(query, cos, sin), apply_rope(key, cos, sin)
-    return query, key, module.scaling, module.is_causal, slopes
-
-
-def _llama(module: nn.Module, args: tuple, kwargs: dict):
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
-    hidden = _hidden(args, kwargs)  # (B, T, C)
-    query, key = _heads(module.q_proj(hidden), module.head_dim), _heads(module.k_proj(hidden), module.head_dim)
-    embeddings = kwargs.get("position_embeddings", args[1] if len(args) > 1 else None)
-    if embeddings is not None:
-        query, key = apply_rotary_pos_emb(query, key, *embeddings)  # cos, sin (B, T, D)
-    return query, key, module.scaling, getattr(module, "is_causal", True), None
+def _plan(sites: list[_Site], inputs: dict, special_mask: torch.Tensor | None) -> dict[str, Any]:
+    """The lens's arguments: statistics of the self-attention layers, with their query and special masks; the
+    exact weights of cross-attention layers (see `_cross_stats`)."""
+    plan: dict[str, Any] = {"statistics": [], "weights": [], "special_mask": {}, "query_mask": {}}
+    for site in sites:
+        keys, special = _keys_of(site, inputs, special_mask)
+        if site.cross:
+            plan["weights"].append(site.index)
+            continue
+        plan["statistics"].append(site.index)
+        if special is not None:
+            plan["special_mask"][site.index] = special.bool()
+        if keys is not None:  # self-attention: a query counts when its own token is real
+            plan["query_mask"][site.index] = keys.bool()
+    return plan
 
 
-def _gpt2(module: nn.Module, args: tuple, kwargs: dict):
-    if kwargs.get("encoder_hidden_states") is not None:
-        return None
-    hidden = _hidden(args, kwargs)  # (B, T, C)
-    query, key, _ = module.c_attn(hidden).split(module.split_size, dim=2)  # 3 x (B, T, C)
-    scaling = module.head_dim**-0.5 if module.scale_attn_weights else 1.0
-    if module.scale_attn_by_inverse_layer_idx:
-        scaling /= float(module.layer_idx + 1)
-    return _heads(query, module.head_dim), _heads(key, module.head_dim), scaling, True, None
+def _cross_stats(weights: torch.Tensor, site: _Site, inputs: dict, special_mask: torch.Tensor | None) -> dict:
+    """Cross-attention statistics from the lens's exact weights (B, H, T, S). The lens's streaming statistics place
+    query i at key position i + S − T (right for a self-attention with a cache), which for cross-attention shifts
+    every distance; |i − j| over the two sequences' indices, as here before, needs the weights (T × S of one
+    decoder layer, small next to a self-attention's)."""
+    keys, special = _keys_of(site, inputs, special_mask)
+    return stats_from_weights(weights.float().cpu(), _cpu(keys), _cpu(special), cross=True)
 
 
-def adapter_for(module: nn.Module, slopes: torch.Tensor | None = None) -> Adapter | None:
-    """The adapter of a supported attention module (see the module docstring), or None for any other module."""
-    name = type(module).__name__
-    if name == "CourseTransformerAttention":
-        return lambda m, a, k: _ours(m, a, k, slopes)
-    if name == "GPT2Attention":
-        return _gpt2
-    if name.endswith("Attention") and all(hasattr(module, n) for n in ("q_proj", "k_proj", "head_dim", "scaling")):
-        if hasattr(module, "q_norm") or getattr(module, "sliding_window", None):
-            return None
-        return _llama
-    return None
-
-
-def _attention_modules(model: nn.Module) -> list[tuple[str, nn.Module, Adapter]]:
-    """(name, module, adapter) of every supported attention module, in forward order."""
-    found = []
-    for name, module in model.named_modules():
-        slopes = None
-        if type(module).__name__ == "CourseTransformerAttention" and model.config.position_encoding == "alibi":
-            from modeling.modeling_course_transformer import alibi_slopes
-
-            # Slopes belong to the original heads: a pruned module keeps its heads' own slopes, as the model does.
-            slopes = alibi_slopes(model.config.num_attention_heads)[module.kept_heads]  # (H_kept,)
-        adapter = adapter_for(module, slopes)
-        if adapter is not None:
-            found.append((name, module, adapter))
-    return found
-
-
-# --------------------------------------------------------------------------------------------------------------
-# The whole model
-# --------------------------------------------------------------------------------------------------------------
+def _cpu(x: torch.Tensor | None) -> torch.Tensor | None:
+    return None if x is None else x.cpu()
 
 
 @torch.no_grad()
@@ -328,70 +319,44 @@ def streaming_attention_stats(
     layers: Sequence[int] | None = None,
     progress: bool = False,
 ) -> AttentionStats:
-    """Run the model once (its base model, without the LM head; use_cache off) and return the statistics of every
-    supported attention module.
+    """Run the model once under the attention lens (its base model, without the LM head; use_cache off) and return
+    the statistics of every attention module.
 
     `inputs` holds `input_ids` (and `attention_mask`, decoder inputs for a seq2seq model); `attention_mask` and
     `special_mask` (B, S) describe `input_ids`, the keys of self-attention and of cross-attention (the encoder's
     tokens); a seq2seq decoder's self-attention reads `decoder_attention_mask`. `layers` picks attention modules by
-    index in forward order (negative allowed). Example:
+    index in forward order (negative allowed; `AttentionLens(model).layer_names` lists them). The model's attention
+    implementation is restored afterwards. Example:
 
         >>> stats = streaming_attention_stats(model, tokenizer("...", return_tensors="pt"), block_size=512)
         >>> stats.layer_means()["first_token_mass"]  # one value per layer
     """
-    if block_size < 1:
+    if not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"block_size must be at least 1, got {block_size}")
-    modules = _attention_modules(model)
-    if not modules:
-        raise ValueError(
-            f"{type(model).__name__} has no supported attention module (ours, Llama-type or GPT-2; "
-            "see evaluation.streaming_stats)"
-        )
-    if layers is not None:
-        bad = [i for i in layers if not -len(modules) <= i < len(modules)]
-        if bad:
-            raise ValueError(f"layers {bad} out of range: the model has {len(modules)} attention modules")
-        modules = [modules[i % len(modules)] for i in sorted({i % len(modules) for i in layers})]
-    results: dict[str, dict[str, torch.Tensor]] = {}
-    bar = _progress(len(modules), progress)
-
-    def hook_for(name: str, adapter: Adapter):
-        def hook(module, args, kwargs):
-            captured = adapter(module, args, kwargs)
-            if captured is None:
-                return
-            query, key, scaling, causal, slopes = captured
-            key_mask, special = _masks_for(model, module, inputs, special_mask)
-            stats = block_stats(
-                query,
-                key,
-                scaling,
-                causal=causal,
-                attention_mask=key_mask,
-                special_mask=special,
-                alibi_slopes=slopes,
-                block_size=block_size,
-                cross=bool(getattr(module, "is_cross_attention", False)),
-            )
-            results[name] = _in_original_heads(module, stats)
-            bar.update(1)
-
-        return hook
-
-    handles = [m.register_forward_pre_hook(hook_for(n, a), with_kwargs=True) for n, m, a in modules]
-    # The base model (no LM head): the hooks see every attention module all the same, and a long input does not
-    # pay for T × vocabulary logits (16k tokens x 50k words in fp32: 3.3 GB).
+    sites = _sites(model, layers)
+    plan = _plan(sites, inputs, special_mask)
+    # The base model (no LM head): every attention module runs all the same, and a long input does not pay for
+    # T × vocabulary logits (16k tokens x 50k words in fp32: 3.3 GB).
     body = getattr(model, "base_model", model)
+    kwargs = dict(inputs)
+    if "use_cache" in inspect.signature(body.forward).parameters:
+        kwargs["use_cache"] = False
+    bar = _progress(len(sites), progress)
+    handles = [site.module.register_forward_hook(lambda *_: bar.update(1)) for site in sites]
     try:
-        body(**inputs, use_cache=False)
+        with AttentionLens(model, block_size=block_size, **plan) as lens:
+            body(**kwargs)
     finally:
         for handle in handles:
             handle.remove()
         bar.close()
-    names = [n for n, _, _ in modules if n in results]
+    results = _results(sites, lens, inputs, special_mask)
+    names = [site.name for site in sites if site.name in results]
 
     def stack(key: str) -> torch.Tensor:
-        return torch.stack([results[n][key].cpu() for n in names])
+        values = [results[n][key].cpu() for n in names]
+        width = max(v.shape[-1] for v in values)  # `received`: a seq2seq's encoder and decoder differ in length
+        return torch.stack([F.pad(v, (0, width - v.shape[-1])) if key == "received" else v for v in values])
 
     return AttentionStats(
         layer_names=names,
@@ -403,20 +368,33 @@ def streaming_attention_stats(
     )
 
 
-def _masks_for(
-    model: nn.Module, module: nn.Module, inputs: dict[str, torch.Tensor], special_mask: torch.Tensor | None
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """The key padding mask (B, S) and special-token mask of one module's keys. `attention_mask` and
-    `special_mask` describe `input_ids`: the keys of encoder and decoder-only self-attention and of cross-attention
-    (the encoder's tokens); the decoder self-attention of a seq2seq model reads `decoder_attention_mask`."""
-    seq2seq_decoder = (
-        getattr(model.config, "is_encoder_decoder", False)
-        and getattr(module, "is_causal", False)
-        and not getattr(module, "is_cross_attention", False)
-    )
-    if seq2seq_decoder:
-        return inputs.get("decoder_attention_mask"), None
-    return inputs.get("attention_mask"), special_mask
+def _results(sites: list[_Site], lens: AttentionLens, inputs: dict, special_mask) -> dict[str, dict]:
+    """Per module name: its statistics in the original head indices. A module that did not run is left out; one
+    whose heads are all pruned (it never calls its attention function) is all NaN."""
+    measured = lens.statistics()
+    results = {}
+    for site in sites:
+        if site.cross and site.index in lens.weights:
+            stats = _cross_stats(lens.weights[site.index], site, inputs, special_mask)
+        elif site.index in measured:
+            stats = {k: v.float().cpu() for k, v in measured[site.index].items()}
+        elif getattr(site.module, "kept_heads", None) == []:
+            stats = _no_heads(site, inputs, special_mask)
+        else:
+            continue
+        results[site.name] = _in_original_heads(site.module, stats)
+    return results
+
+
+def _no_heads(site: _Site, inputs: dict, special_mask) -> dict[str, torch.Tensor]:
+    """The statistics of a module without heads: (B, 0) and (B, 0, S), which `_in_original_heads` fills with NaN."""
+    keys = inputs["decoder_input_ids" if site.seq2seq_decoder else "input_ids"].shape[1]  # S of this module
+    batch = inputs["input_ids"].shape[0]
+    stats = {n: torch.zeros(batch, 0) for n in ("entropy", "distance", "first_token_mass")}
+    if _keys_of(site, inputs, special_mask)[1] is not None:
+        stats["special_mass"] = torch.zeros(batch, 0)
+    stats["received"] = torch.zeros(batch, 0, keys)
+    return stats
 
 
 def _in_original_heads(module: nn.Module, stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -1,8 +1,8 @@
 """The one set of tiny configs, for the tests, the parity harness's `bert-tiny` / `gpt2-tiny` and the benchmark's
 smoke mode: hidden 32, 4 heads, 2 layers (per stack), a feed-forward of 64, no dropout.
 
-The course config and its Hugging Face references (BERT, GPT-2, BART) share the shape, so a converted model and its
-reference are the same size. Every field can be overridden; the vocabulary often is (the tests' word-level
+The course config and its Hugging Face references (BERT, GPT-2, BART, Llama) share the shape, so a converted model
+and its reference are the same size. Every field can be overridden; the vocabulary often is (the tests' word-level
 tokenizer has 64 entries, the parity harness's byte-level one 256 bytes plus its special tokens).
 
     >>> from evaluation.tiny import tiny_config, tiny_gpt2_config
@@ -15,7 +15,7 @@ The named presets in `modeling/presets/tiny-*.json` are a different thing: the d
 
 from __future__ import annotations
 
-from transformers import BartConfig, BertConfig, GPT2Config
+from transformers import BartConfig, BertConfig, GPT2Config, LlamaConfig
 
 from modeling import CourseTransformerConfig
 
@@ -112,3 +112,19 @@ def tiny_bart_config(**overrides) -> BartConfig:
         decoder_start_token_id=2,
     )
     return BartConfig(**{**fields, **overrides})
+
+
+def tiny_llama_config(**overrides) -> LlamaConfig:
+    """A tiny `LlamaConfig` (SmolLM2's architecture): RoPE, RMSNorm, grouped-query attention with 2 key/value heads
+    for the 4 query heads, pad 0."""
+    fields = dict(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=HIDDEN_SIZE,
+        num_hidden_layers=NUM_LAYERS,
+        num_attention_heads=NUM_HEADS,
+        num_key_value_heads=NUM_HEADS // 2,
+        intermediate_size=INTERMEDIATE_SIZE,
+        max_position_embeddings=MAX_POSITIONS,
+        pad_token_id=0,
+    )
+    return LlamaConfig(**{**fields, **overrides})

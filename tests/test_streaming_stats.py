@@ -110,3 +110,69 @@ def test_pruned_heads_keep_their_index_and_their_alibi_slope(position_encoding):
             torch.testing.assert_close(getattr(stats, name)[layer][:, kept], ref[name][:, kept], atol=1e-5, rtol=0)
     per_head = stats.to_dict()["per_head"]["entropy"]
     assert per_head[1][0] is None and per_head[1][1] is not None  # JSON-ready: None, not NaN
+
+
+def _hugging_face(family: str):
+    """Tiny seeded transformers models the old Q/K-recomputing hooks refused: q/k norms (Qwen3), a sliding window
+    shorter than the input (Mistral), grouped-query attention (both)."""
+    from transformers import MistralConfig, MistralForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    from evaluation.tiny import tiny_llama_config
+
+    fields = tiny_llama_config().to_dict()
+    fields = {k: fields[k] for k in ("vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size")}
+    fields.update(num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    if family == "qwen3":
+        model = Qwen3ForCausalLM(Qwen3Config(**fields, head_dim=8))
+        for layer in model.model.layers:  # norms that are not the identity: the lens must see Q and K after them
+            torch.nn.init.uniform_(layer.self_attn.q_norm.weight, 0.5, 2.0)
+            torch.nn.init.uniform_(layer.self_attn.k_norm.weight, 0.5, 2.0)
+    else:
+        model = MistralForCausalLM(MistralConfig(**fields, sliding_window=3))
+    model.set_attn_implementation("eager")
+    return model.eval()
+
+
+@pytest.mark.parametrize("family", ["qwen3", "mistral-window"])
+@torch.no_grad()
+def test_q_k_norms_and_sliding_windows_equal_the_eager_weights(family):
+    model = _hugging_face(family)
+    ids, mask = padded([9, 6], side="left")
+    special = ids == ids[0, 0]
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    stats = streaming_attention_stats(model, inputs, special_mask=special, block_size=2)
+    assert model.config._attn_implementation == "eager"  # the lens restores the model's own backend
+    weights = model(**inputs, output_attentions=True).attentions
+    if family == "mistral-window":
+        assert weights[0][0, :, -1, :-3].abs().max() == 0  # the window shapes the weights compared against
+    assert stats.layer_names == ["model.layers.0.self_attn", "model.layers.1.self_attn"]
+    for layer, w in enumerate(weights):
+        ref = stats_from_weights(w, mask, special)
+        for name in ("entropy", "distance", "first_token_mass", "special_mass", "received"):
+            torch.testing.assert_close(getattr(stats, name)[layer], ref[name], atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_bart_with_a_target_shorter_than_the_source():
+    """transformers' BART: encoder, decoder and cross-attention (T = 4 queries, S = 9 keys) equal the statistics of
+    its eager weights; `received` pads the decoder's 4 keys to the encoder's 9."""
+    from transformers import BartModel
+
+    from evaluation.tiny import tiny_bart_config
+
+    torch.manual_seed(0)
+    model = BartModel(tiny_bart_config(encoder_layers=1, decoder_layers=1)).eval()
+    model.set_attn_implementation("eager")
+    ids, mask = padded([9, 6], side="right")
+    inputs = {"input_ids": ids, "attention_mask": mask, "decoder_input_ids": torch.tensor([[2, 5, 9, 13]] * 2)}
+    stats = streaming_attention_stats(model, inputs, block_size=3)
+    out = model(**inputs, output_attentions=True)
+    expected = [stats_from_weights(out.encoder_attentions[0], mask), stats_from_weights(out.decoder_attentions[0])]
+    expected.append(stats_from_weights(out.cross_attentions[0], mask, cross=True))
+    assert stats.layer_names[2] == "decoder.layers.0.encoder_attn" and stats.received.shape == (3, 2, 4, 9)
+    for index, ref in enumerate(expected):
+        for name in ("entropy", "distance", "first_token_mass", "received"):
+            value = getattr(stats, name)[index][..., : ref[name].shape[-1]]
+            torch.testing.assert_close(value, ref[name], atol=1e-5, rtol=1e-5)
+    assert stats.received[1, :, :, 4:].abs().max() == 0
