@@ -49,6 +49,11 @@ from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_f
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.utils import logging
 
+try:  # the context variable through which transformers' output capture collects attentions (5.x)
+    from transformers.utils.output_capturing import _active_collector
+except ImportError:  # pragma: no cover
+    _active_collector = None
+
 logger = logging.get_logger(__name__)
 
 LENS = "lens"
@@ -76,6 +81,7 @@ IGNORED_KEYWORDS = frozenset(
 )
 # Keywords whose math the lens reproduces exactly.
 HANDLED_KEYWORDS = frozenset({"position_bias", "softcap", "s_aux", "is_causal", "scaling", "dropout"})
+KNOWN_KEYWORDS = IGNORED_KEYWORDS | HANDLED_KEYWORDS
 HEAD_ABLATIONS = ("zero", "mean")
 
 
@@ -395,7 +401,7 @@ def head_value_norms(value: torch.Tensor, projection: nn.Module, heads: int) -> 
 
 
 def _check_keywords(module: nn.Module, kwargs: Mapping[str, Any]) -> None:
-    unknown = [k for k, v in kwargs.items() if v is not None and k not in IGNORED_KEYWORDS | HANDLED_KEYWORDS]
+    unknown = [k for k, v in kwargs.items() if v is not None and k not in KNOWN_KEYWORDS]
     if unknown:
         raise ValueError(
             f"attn_implementation='lens': {type(module).__name__} (layer {getattr(module, 'layer_idx', '?')}) passes "
@@ -523,9 +529,7 @@ def intervene(
 
 def _recording_attentions() -> bool:
     """Whether transformers' output capture is collecting attentions in this forward (`output_attentions=True`)."""
-    try:
-        from transformers.utils.output_capturing import _active_collector
-    except ImportError:  # pragma: no cover - another transformers: weights on request only
+    if _active_collector is None:  # another transformers: weights when the call says output_attentions
         return False
     collected = _active_collector.get()
     return bool(collected) and any("attentions" in name for name in collected)
