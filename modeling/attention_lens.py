@@ -81,7 +81,22 @@ IGNORED_KEYWORDS = frozenset(
 )
 # Keywords whose math the lens reproduces exactly.
 HANDLED_KEYWORDS = frozenset({"position_bias", "softcap", "s_aux", "is_causal", "scaling", "dropout"})
-KNOWN_KEYWORDS = IGNORED_KEYWORDS | HANDLED_KEYWORDS
+
+
+def _transformers_kwargs() -> frozenset[str]:
+    """The bookkeeping keywords transformers forwards through every model (`TransformersKwargs`: output flags,
+    packed-sequence descriptions for flash, `num_items_in_batch`, ...): none changes what the mask describes."""
+    try:
+        from transformers.utils import TransformersKwargs
+    except ImportError:  # pragma: no cover
+        return frozenset()
+    names: set[str] = set()
+    for cls in TransformersKwargs.__mro__:
+        names |= set(getattr(cls, "__annotations__", {}))
+    return frozenset(names)
+
+
+KNOWN_KEYWORDS = IGNORED_KEYWORDS | HANDLED_KEYWORDS | _transformers_kwargs()
 HEAD_ABLATIONS = ("zero", "mean")
 
 
@@ -100,6 +115,7 @@ class LayerRequest:
     ‖α f(x)‖ with the output projection `projection`."""
 
     weights: bool = False
+    weight_heads: tuple[int, ...] | None = None  # weights of these heads only (the lens's own results)
     head_scale: torch.Tensor | None = None
     mean_heads: tuple[int, ...] = ()
     knockout: torch.Tensor | None = None
@@ -250,17 +266,26 @@ def uniform_dead_rows(weights: torch.Tensor, mask: torch.Tensor | None) -> torch
 
 
 def eager_softmax(
-    query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, scaling: float, softcap: float | None = None
+    query: torch.Tensor,
+    key: torch.Tensor,
+    mask: torch.Tensor | None,
+    scaling: float,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """softmax(cap(scale·QKᵀ) + mask) in at least fp32, (B, H, T, S); `softcap` c applies c·tanh(s/c) to the scores
-    before the mask, as Gemma 2 does (no fused kernel caps, so this is the exact path for capped models)."""
+    before the mask, as Gemma 2 does (no fused kernel caps, so this is the exact path for capped models); `sinks`
+    (H,) are one extra logit per head in the normaliser, as gpt-oss's, dropped after the softmax."""
     compute = torch.promote_types(query.dtype, torch.float32)
     scores = torch.matmul(query.to(compute), key.to(compute).transpose(-1, -2)) * scaling  # (B, H, T, S)
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
     if mask is not None:
         scores = scores + mask.clamp(min=torch.finfo(compute).min)  # finfo.min, as eager: dead rows come out uniform
-    return torch.softmax(scores, dim=-1)
+    if sinks is None:
+        return torch.softmax(scores, dim=-1)
+    sink = sinks.to(compute).view(1, -1, 1, 1).expand(*scores.shape[:-1], 1)  # (B, H, T, 1)
+    return torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]  # (B, H, T, S)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -308,9 +333,10 @@ def accumulate_stats(
     mask: torch.Tensor | None,
     scaling: float,
     cross: bool,
+    share: torch.Tensor | None = None,
 ) -> None:
     """Add one call's statistics to `stats`, computing P one block of `stats.block_size` queries at a time:
-    memory O(b·S) per head, not O(T·S)."""
+    memory O(b·S) per head, not O(T·S). `share` (B, H, T) scales each row (the mass attention sinks leave)."""
     batch, heads, length, _ = query.shape
     keys = key.shape[2]
     cross = stats.cross if stats.cross is not None else cross
@@ -336,6 +362,8 @@ def accumulate_stats(
         block_mask = None if mask is None else mask[:, :, rows]
         p = scores_minus_lse(query[:, :, rows], key, lse[:, :, rows], block_mask, scaling).exp_()  # (B, H, b, S)
         p = uniform_dead_rows(renormalise(p), block_mask)
+        if share is not None:
+            p = p * share[:, :, rows].unsqueeze(-1)
         weight = valid[:, rows].float()[:, None]  # (B, 1, b)
         moments = torch.matmul(p, basis)  # (B, H, b, 2|3)
         position = torch.arange(rows.start, rows.stop, device=query.device, dtype=torch.float32) + offset  # (b,)
@@ -401,7 +429,9 @@ def head_value_norms(value: torch.Tensor, projection: nn.Module, heads: int) -> 
 
 
 def _check_keywords(module: nn.Module, kwargs: Mapping[str, Any]) -> None:
-    unknown = [k for k, v in kwargs.items() if v is not None and k not in KNOWN_KEYWORDS]
+    """At the call: a keyword with a value that is neither handled nor bookkeeping is refused (`AttentionLens`
+    refuses such a model before the forward, from the call site's source)."""
+    unknown = [k for k, v in kwargs.items() if v is not None and k not in KNOWN_KEYWORDS and k != "cache"]
     if unknown:
         raise ValueError(
             f"attn_implementation='lens': {type(module).__name__} (layer {getattr(module, 'layer_idx', '?')}) passes "
@@ -416,12 +446,12 @@ def _is_causal(module: nn.Module, query: torch.Tensor, attention_mask, is_causal
     return bool(query.shape[2] > 1 and attention_mask is None and flag)
 
 
-def _sink_correction(lse: torch.Tensor, sinks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """gpt-oss's sinks are one extra logit per head in the softmax's normaliser: lse' = log(e^lse + e^sink).
-    Returns lse' and the factor e^(lse − lse') that rescales the kernel's output."""
+def sink_share(lse: torch.Tensor, sinks: torch.Tensor) -> torch.Tensor:
+    """gpt-oss's sinks are one extra logit per head in the softmax's normaliser. With lse over the real keys, the
+    real keys keep the share e^lse / (e^lse + e^sink) = exp(lse − logaddexp(lse, sink)) of the mass, (B, H, T): the
+    kernel's output and the weights without the sink are scaled by it."""
     sink = sinks.to(lse.dtype).view(1, -1, 1)  # (1, H, 1)
-    total = torch.logaddexp(lse, sink)  # (B, H, T)
-    return total, (lse - total).exp()
+    return (lse - torch.logaddexp(lse, sink)).exp()  # (B, H, T)
 
 
 def attend(
@@ -455,27 +485,44 @@ def attend(
     if reason is not None:
         if softcap is None:
             _warn_once(reason)
-        weights = eager_softmax(query, key, mask, scaling, softcap)  # (B, H, T, S)
-        if sinks is not None:
-            raise ValueError(f"{type(module).__name__}: attention sinks (s_aux) need the lse path, but {reason}")
-        weights = F.dropout(weights, p=dropout, training=module.training)
-        dead = dead_rows(mask)  # sdpa's output for a query that sees no key is 0, eager's the mean of V
-        probs = weights if dead is None else weights.masked_fill(dead.unsqueeze(-1), 0.0)
-        output = torch.matmul(probs.to(value.dtype), value)  # (B, H, T, D)
-        lse = None
+        output, weights, lse = _eager_path(module, query, key, value, mask, scaling, dropout, softcap, sinks)
     else:
-        output, lse = kernel_with_lse(query, key, value, mask, scaling)  # (B, H, T, D), (B, H, T)
-        if sinks is not None:
-            lse, factor = _sink_correction(lse.float(), sinks)
-            output = output * factor.unsqueeze(-1).to(output.dtype)  # (B, H, T, D)
-        wants_full = request is not None and (request.weights or request.norms)
-        weights = weights_from_lse(query, key, lse, mask, scaling) if wants_full else None
+        output, weights, lse = _kernel_path(query, key, value, mask, scaling, sinks, request)
     output = output.transpose(1, 2)  # (B, T, H, D)
-    _record(module, request, query, key, value, lse, weights, mask, scaling)
+    _record(module, request, query, key, value, lse, weights, mask, scaling, sinks)
     output, weights = intervene(output, weights, request)
     if request is None or not request.weights:
         weights = None
     return output.contiguous(), (weights.to(query.dtype) if weights is not None else None)
+
+
+def _eager_path(module, query, key, value, mask, scaling, dropout, softcap, sinks):
+    """The textbook math where no kernel applies (softcap, dropout, gradients): output (B, H, T, D) with sdpa's
+    zeros for queries that see no key, the weights (B, H, T, S) and no lse."""
+    weights = eager_softmax(query, key, mask, scaling, softcap, sinks)  # (B, H, T, S)
+    weights = F.dropout(weights, p=dropout, training=module.training)
+    dead = dead_rows(mask)  # sdpa's output for a query that sees no key is 0, eager's the mean of V
+    probs = weights if dead is None else weights.masked_fill(dead.unsqueeze(-1), 0.0)
+    return torch.matmul(probs.to(value.dtype), value), weights, None  # (B, H, T, D)
+
+
+def _kernel_path(query, key, value, mask, scaling, sinks, request):
+    """The fused kernel's output (B, H, T, D) and lse (B, H, T), with the weights (B, H, T, S) (or of the heads
+    `request.weight_heads` only) when asked for."""
+    output, lse = kernel_with_lse(query, key, value, mask, scaling)  # (B, H, T, D), (B, H, T)
+    share = None
+    if sinks is not None:
+        share = sink_share(lse.float(), sinks)  # (B, H, T)
+        output = output * share.unsqueeze(-1).to(output.dtype)  # (B, H, T, D)
+    if request is None or not (request.weights or request.norms):
+        return output, None, lse
+    heads = request.weight_heads
+    index = slice(None) if heads is None or request.norms else list(heads)
+    head_mask = mask if mask is None or mask.shape[1] == 1 else mask[:, index]  # (B|1, h|1, T, S)
+    weights = weights_from_lse(query[:, index], key[:, index], lse[:, index], head_mask, scaling)  # (B, h, T, S)
+    if share is not None:
+        weights = weights * share[:, index].unsqueeze(-1)
+    return output, weights, lse
 
 
 _warned_reasons: set[str] = set()
@@ -487,7 +534,7 @@ def _warn_once(reason: str) -> None:
         logger.warning(f"attention lens: exact weights from eager math, not the fused kernel: {reason}")
 
 
-def _record(module, request, query, key, value, lse, weights, mask, scaling) -> None:
+def _record(module, request, query, key, value, lse, weights, mask, scaling, sinks) -> None:
     """Statistics and norms of this call into the request (before interventions: they describe the attention)."""
     if request is None:
         return
@@ -495,8 +542,9 @@ def _record(module, request, query, key, value, lse, weights, mask, scaling) -> 
         if lse is None:  # eager path: P is at hand; the lse that reproduces it is log Σ exp(scores)
             scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * scaling
             lse = torch.logsumexp(scores if mask is None else scores + mask, -1)  # (B, H, T)
+        share = sink_share(lse.float(), sinks) if sinks is not None else None
         cross = bool(getattr(module, "is_cross_attention", False))
-        accumulate_stats(request.stats, query, key, lse, mask, scaling, cross)
+        accumulate_stats(request.stats, query, key, lse, mask, scaling, cross, share)
     if request.norms and weights is not None and request.site is not None:
         norms = head_value_norms(value, request.projection, query.shape[1])  # (B, H, S)
         request.site.lens.norms[request.site.index] = (weights * norms[:, :, None, :]).to(query.dtype)  # (B,H,T,S)
@@ -518,6 +566,8 @@ def intervene(
         scale = request.head_scale.to(device=output.device, dtype=output.dtype)  # (H,)
         output = output * scale.view(1, 1, -1, 1)  # (B, T, H, D)
         if weights is not None:
+            if weights.shape[1] != scale.shape[0]:  # the weights of some heads only
+                scale = scale[list(request.weight_heads)]
             weights = weights * scale.to(weights.dtype).view(1, -1, 1, 1)  # (B, H, T, S)
     return output, weights
 
@@ -567,6 +617,8 @@ def _merged(first: LayerRequest | None, second: LayerRequest | None) -> LayerReq
         return first if second is None else second
     merged = LayerRequest(**{name: getattr(first, name) for name in first.__dataclass_fields__})
     merged.weights = first.weights or second.weights
+    if second.weights and second.weight_heads is None:
+        merged.weight_heads = None  # transformers' recording wants every head
     merged.mean_heads = tuple(sorted(set(first.mean_heads) | set(second.mean_heads)))
     scales = [r.head_scale for r in (first, second) if r.head_scale is not None]
     if len(scales) == 2:
@@ -629,21 +681,22 @@ def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module, nn.Module 
 
 def unsupported_keywords(cls: type) -> set[str]:
     keywords = interface_keywords(cls) or set()
-    return keywords - IGNORED_KEYWORDS - HANDLED_KEYWORDS - {"cache"}
+    return keywords - KNOWN_KEYWORDS - {"cache"}
 
 
 # --------------------------------------------------------------------------------------------------------------
 # The Python API
 # --------------------------------------------------------------------------------------------------------------
 
-Selection = Iterable[int] | str | None
+Selection = Iterable[int] | str | None  # layer indices, "all" or None
 
 
 class AttentionLens:
     """Attach the lens to a model: choose layers, heads, interventions and statistics; read the results.
 
     Layers are the model's attention modules in order (`lens.layer_names`: self-attention and cross-attention of
-    an encoder-decoder each count), by index (negative allowed) or "all". Example on SmolLM2:
+    an encoder-decoder each count), by index (negative allowed) or "all"; `weights` may also be {layer: heads}, which
+    computes the weights of those heads only (the kernel still runs every head). Example on SmolLM2:
 
         >>> with AttentionLens(model, weights=[3], ablate={5: [0, 2]}, statistics="all") as lens:
         ...     out = model(**batch)
@@ -661,7 +714,7 @@ class AttentionLens:
         self,
         model: nn.Module,
         *,
-        weights: Selection = None,
+        weights: Selection | Mapping[int, Sequence[int]] = None,
         ablate: Mapping[int, Sequence[int]] | None = None,
         ablate_with: str = "zero",
         scale: Mapping[int, Mapping[int, float]] | None = None,
@@ -743,6 +796,12 @@ class AttentionLens:
     # -- the plan ---------------------------------------------------------------------------------------------
 
     def _plan(self, found, weights, ablate, ablate_with, scale, keep, knockout, statistics, norms, projection):
+        if isinstance(weights, Mapping):  # {layer: heads}: the weights of those heads only
+            for layer, heads in weights.items():
+                layer = self._layer(layer, "weights")
+                self._request(layer).weights = True
+                self._request(layer).weight_heads = tuple(self._heads(layer, heads, "weights"))
+            weights = None
         for layer in self._layers(weights, "weights"):
             self._sites[layer].request.weights = True
         for layer, heads in (ablate or {}).items():
