@@ -139,6 +139,9 @@ class LensSite:
     num_heads: int
     request: LayerRequest
     lens: AttentionLens
+    intervention: LayerRequest | None = None  # head interventions applied to W_O's input (see `_route_interventions`)
+    projection: nn.Module | None = None
+    hook: Any = None
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -212,7 +215,18 @@ def dead_rows(mask: torch.Tensor | None) -> torch.Tensor | None:
 def kernel_with_lse(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, scaling: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The fused kernel's output (B, H, T, D) and log-sum-exp (B, H, T) of scale·QKᵀ + mask (K, V with H heads)."""
+    """The fused kernel's output (B, H, T, D) and log-sum-exp (B, H, T) of scale·QKᵀ + mask (K, V with H heads).
+
+    The kernels want one head size for Q, K and V; multi-head latent attention (DeepSeek-style: V narrower than Q
+    and K) gets V padded with zero columns, and the padding is cut from the output (zeros add nothing)."""
+    value_dim = value.shape[-1]
+    if value_dim != query.shape[-1]:
+        if value_dim > query.shape[-1]:  # zero columns in Q and K leave every score unchanged
+            query, key = (F.pad(x, (0, value_dim - x.shape[-1])) for x in (query, key))
+        else:
+            value = F.pad(value, (0, query.shape[-1] - value_dim))
+        output, lse = kernel_with_lse(query, key, value, mask, scaling)
+        return output[..., :value_dim], lse
     if mask is not None:
         mask = mask.to(query.dtype)
     if query.device.type == "cuda":
@@ -706,7 +720,9 @@ class AttentionLens:
     `ablate` {layer: heads} zeroes heads (`ablate_with="mean"`: their mean output over the batch and queries);
     `scale` {layer: {head: factor}}; `keep` {layer: heads} zeroes every other head; `knockout` {layer: bool tensor
     (B|1, H|1, T, S)} removes query→key edges before the softmax; `norms` lists layers for ‖α f(x)‖
-    (`output_projection` names W_O where it is not one of OUTPUT_PROJECTIONS). Every argument is checked when the
+    (`output_projection` names W_O where it is not one of OUTPUT_PROJECTIONS). Head interventions act on W_O's
+    input split into heads (see `_route_interventions`); the weights the lens returns are the attention pattern
+    itself, before any intervention. Every argument is checked when the
     lens is built, before any forward; entering switches the model to "lens" and leaving (also on an exception)
     restores its previous attention implementation and removes every trace of the lens."""
 
@@ -747,6 +763,7 @@ class AttentionLens:
         self._sites = [self._site(i, name, module) for i, (name, module, _) in enumerate(found)]
         self._plan(found, weights, ablate, ablate_with, scale, keep, knockout, statistics, norms, output_projection)
         self._plan_stats(statistics, special_mask, query_mask, block_size)
+        self._route_interventions(found, output_projection)
 
     # -- validation -------------------------------------------------------------------------------------------
 
@@ -840,6 +857,26 @@ class AttentionLens:
             queries = (query_mask or {}).get(layer)
             self._stats[layer] = self._request(layer).stats = StreamingStats(block_size, special, queries)
 
+    def _route_interventions(self, found, projection_name: str | None) -> None:
+        """Head interventions act on the input of the output projection W_O, split into heads: a head's
+        contribution to the residual stream, whatever the module does between the attention function and W_O (a
+        sub-norm over all heads in BitNet, the two maps of differential attention). Where no W_O of H·D inputs is
+        found they act on the attention function's output, which is the same thing for every module that
+        concatenates the heads straight into W_O."""
+        for site, (_, module, parent) in zip(self._sites, found, strict=True):
+            request = site.request
+            if request.head_scale is None and not request.mean_heads:
+                continue
+            try:
+                projection = find_output_projection(module, parent, projection_name)
+            except ValueError:
+                continue
+            if _input_width(projection) % site.num_heads:
+                continue
+            site.intervention = LayerRequest(head_scale=request.head_scale, mean_heads=request.mean_heads)
+            site.projection = projection
+            request.head_scale, request.mean_heads = None, ()
+
     def _request(self, layer: int) -> LayerRequest:
         return self._sites[layer].request
 
@@ -856,6 +893,8 @@ class AttentionLens:
         for site in self._sites:
             site.request.site = site
             site.module._lens_site = site
+            if site.intervention is not None:
+                site.hook = site.projection.register_forward_pre_hook(_heads_hook(site.intervention, site.num_heads))
         _set_implementation(self.model, LENS)
         return self
 
@@ -863,6 +902,9 @@ class AttentionLens:
         for site in self._sites:
             if getattr(site.module, "_lens_site", None) is site:
                 del site.module._lens_site
+            if site.hook is not None:
+                site.hook.remove()
+                site.hook = None
         if self._previous is not None:
             _set_implementation(self.model, self._previous)
 
@@ -878,6 +920,24 @@ class AttentionLens:
         for stats in self._stats.values():
             stats.sums.clear()
             stats.count = None
+
+
+def _input_width(projection: nn.Module) -> int:
+    """In features of W_O: nn.Linear's weight is (out, in), GPT-2's Conv1D's (in, out)."""
+    weight = projection.weight
+    return weight.shape[0] if type(projection).__name__ == "Conv1D" else weight.shape[-1]
+
+
+def _heads_hook(intervention: LayerRequest, heads: int):
+    """A forward pre-hook on W_O applying `intervention` to its input (..., H·D) seen as (..., H, D)."""
+
+    def hook(module: nn.Module, args: tuple):
+        concatenated = args[0]  # (B, T, H·D)
+        split = concatenated.view(*concatenated.shape[:-1], heads, -1)  # (B, T, H, D)
+        changed, _ = intervene(split, None, intervention)
+        return (changed.reshape(concatenated.shape), *args[1:])
+
+    return hook
 
 
 def _describe(value: Any) -> str:
