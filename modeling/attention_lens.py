@@ -642,10 +642,36 @@ def _merged(first: LayerRequest | None, second: LayerRequest | None) -> LayerReq
     return merged
 
 
+_SDPA_READY: dict[type, bool] = {}
+
+
+def _model_runs_sdpa(config: Any) -> bool:
+    """Whether the model of this config class supports sdpa (`_supports_sdpa`), looked up once per class through
+    transformers' Auto mapping; False when it cannot be told."""
+    cls = type(config)
+    if cls not in _SDPA_READY:
+        try:
+            from transformers.models.auto.modeling_auto import MODEL_MAPPING
+
+            _SDPA_READY[cls] = bool(getattr(MODEL_MAPPING[cls], "_supports_sdpa", False))
+        except (KeyError, ImportError, ValueError):
+            _SDPA_READY[cls] = False
+    return _SDPA_READY[cls]
+
+
+def lens_mask(*args, config: Any = None, allow_is_causal_skip: bool = True, **kwargs):
+    """sdpa's boolean mask; a purely causal mask may be skipped (None, then `module.is_causal` says causal, as sdpa
+    reads it) only for models that support sdpa: the others never ran with a skipped mask, and some of their
+    decoders do not set `is_causal` (PegasusX's did not: its decoder attended bidirectionally until this check)."""
+    if allow_is_causal_skip and not _model_runs_sdpa(config):
+        allow_is_causal_skip = False
+    return sdpa_mask(*args, config=config, allow_is_causal_skip=allow_is_causal_skip, **kwargs)
+
+
 def register() -> None:
     """Register "lens" with transformers' attention and mask interfaces (sdpa's boolean masks)."""
     AttentionInterface.register(LENS, lens_attention_forward)
-    AttentionMaskInterface.register(LENS, sdpa_mask)
+    AttentionMaskInterface.register(LENS, lens_mask)
 
 
 register()
