@@ -719,6 +719,21 @@ def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module, nn.Module 
     return found
 
 
+def bypassing_modules(model: nn.Module) -> list[tuple[str, str]]:
+    """(name, class) of modules that compute an attention softmax themselves instead of calling the interface
+    (a class named *Attention* whose forward calls softmax and never ALL_ATTENTION_FUNCTIONS): under "lens" they
+    would read sdpa's boolean mask as an additive one, as GIT's text attention does."""
+    found = []
+    for name, module in model.named_modules():
+        cls = type(module)
+        if "Attention" not in cls.__name__ or interface_keywords(cls) is not None:
+            continue
+        source = _forward_source(cls) or ""
+        if "softmax" in source:
+            found.append((name, cls.__name__))
+    return found
+
+
 def unsupported_keywords(cls: type) -> set[str]:
     keywords = interface_keywords(cls) or set()
     return keywords - KNOWN_KEYWORDS - {"cache"}
@@ -779,6 +794,13 @@ class AttentionLens:
             raise ValueError(
                 f"{type(model).__name__}: no attention module calls transformers' attention interface "
                 "(ALL_ATTENTION_FUNCTIONS), so attn_implementation='lens' cannot reach it"
+            )
+        bypassing = bypassing_modules(model)
+        if bypassing:
+            raise ValueError(
+                f"{type(model).__name__}: {len(bypassing)} attention module(s) compute their softmax outside "
+                f"transformers' attention interface (first: {bypassing[0][0]!r}, {bypassing[0][1]}); the lens cannot "
+                "see them, and under attn_implementation='lens' they would get a mask in sdpa's form"
             )
         self.layer_names = [name for name, _, _ in found]
         if ablate_with not in HEAD_ABLATIONS:
