@@ -9,8 +9,8 @@ For each architecture (a `models/*/modeling_*.py` file of the installed transfor
 (hidden 32, 2 layers, 4 heads, 2 key/value heads where the config has them, small vocabulary, sliding window 4,
 seeded). transformers' per-model testers would give better tiny configs, but the 5.23 sdist ships only the
 top-level `tests/*.py` files, not `tests/models/`, so the shrinking is generic. Multimodal folders are tried text
-part first (text model types such as `gemma3_text`), then the whole model; models whose base class takes pixel values, waveforms or
-mel features get random ones of the shrunken size (no padding).
+part first (text model types such as `gemma3_text`), then the whole model; models whose base class takes pixel
+values, waveforms or mel features get random ones of the shrunken size (no padding).
 
 On a padded batch (batch 2, 7 tokens, left padding where the attention is causal, right padding otherwise), fp32,
 eval mode, no gradients, it measures
