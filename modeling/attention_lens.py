@@ -36,6 +36,7 @@ from __future__ import annotations
 import ast
 import inspect
 import math
+import sys
 import textwrap
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -46,7 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 from transformers.utils import logging
 
 try:  # the context variable through which transformers' output capture collects attentions (5.x)
@@ -77,8 +78,12 @@ IGNORED_KEYWORDS = frozenset(
         "layer_idx",
         "return_dict",
         "token_type_ids",
+        "input_ids",
+        "deterministic",  # flash attention's backward flag
     }
 )
+# The attention function's own parameters, which some call sites pass by name.
+OWN_PARAMETERS = frozenset({"module", "query", "key", "value", "attention_mask"})
 # Keywords whose math the lens reproduces exactly.
 HANDLED_KEYWORDS = frozenset({"position_bias", "softcap", "s_aux", "is_causal", "scaling", "dropout"})
 
@@ -194,8 +199,9 @@ def additive_mask(
     elif attention_mask.dtype == torch.bool:
         mask = torch.zeros(attention_mask.shape, dtype=dtype, device=query.device)  # (B|1, 1, T, S)
         mask.masked_fill_(~attention_mask, float("-inf"))
-    else:
-        mask = attention_mask.to(dtype)  # additive, as the model built it
+    else:  # additive, as the model built it; its "masked" entries (finfo.min of its dtype) become -inf as sdpa's
+        mask = attention_mask.to(dtype)
+        mask = mask.masked_fill(mask <= torch.finfo(attention_mask.dtype).min / 2, float("-inf"))
     if position_bias is not None:
         mask = mask + position_bias.to(dtype)  # (1|B, H, T, S)
     if knockout is not None:
@@ -460,6 +466,25 @@ def _is_causal(module: nn.Module, query: torch.Tensor, attention_mask, is_causal
     return bool(query.shape[2] > 1 and attention_mask is None and flag)
 
 
+_SINK_WEIGHTS_SUM_TO_ONE: dict[type, bool] = {}
+
+
+def sink_weights_sum_to_one(module: nn.Module) -> bool:
+    """Which weights a sink model reports: gpt-oss's eager drops the sink's column after the softmax (rows sum to
+    1 − the sink's share), Granite's scales the output by sigmoid(lse − sink) and reports the plain softmax (rows
+    sum to 1). The outputs are the same; the lens reports what the model's own eager function does, read once per
+    class from that function's source."""
+    cls = type(module)
+    if cls not in _SINK_WEIGHTS_SUM_TO_ONE:
+        eager = getattr(sys.modules.get(cls.__module__), "eager_attention_forward", None)
+        try:
+            source = inspect.getsource(eager) if eager is not None else ""
+        except (OSError, TypeError):
+            source = ""
+        _SINK_WEIGHTS_SUM_TO_ONE[cls] = "sigmoid" in source
+    return _SINK_WEIGHTS_SUM_TO_ONE[cls]
+
+
 def sink_share(lse: torch.Tensor, sinks: torch.Tensor) -> torch.Tensor:
     """gpt-oss's sinks are one extra logit per head in the softmax's normaliser. With lse over the real keys, the
     real keys keep the share e^lse / (e^lse + e^sink) = exp(lse − logaddexp(lse, sink)) of the mass, (B, H, T): the
@@ -496,14 +521,16 @@ def attend(
     knockout = request.knockout if request is not None else None
     mask = additive_mask(query, key, attention_mask, causal, kwargs.get("position_bias"), knockout)
     reason = "softcap: no fused kernel caps the scores" if softcap is not None else lse_unavailable(query, dropout)
+    plain = sinks is not None and sink_weights_sum_to_one(module)  # the weights to report leave the sink out
     if reason is not None:
         if softcap is None:
             _warn_once(reason)
         output, weights, lse = _eager_path(module, query, key, value, mask, scaling, dropout, softcap, sinks)
+        weights = renormalise(weights.clone()) if plain else weights
     else:
-        output, weights, lse = _kernel_path(query, key, value, mask, scaling, sinks, request)
+        output, weights, lse = _kernel_path(query, key, value, mask, scaling, sinks, request, plain)
     output = output.transpose(1, 2)  # (B, T, H, D)
-    _record(module, request, query, key, value, lse, weights, mask, scaling, sinks)
+    _record(module, request, query, key, value, lse, weights, mask, scaling, None if plain else sinks)
     output, weights = intervene(output, weights, request)
     if request is None or not request.weights:
         weights = None
@@ -520,7 +547,7 @@ def _eager_path(module, query, key, value, mask, scaling, dropout, softcap, sink
     return torch.matmul(probs.to(value.dtype), value), weights, None  # (B, H, T, D)
 
 
-def _kernel_path(query, key, value, mask, scaling, sinks, request):
+def _kernel_path(query, key, value, mask, scaling, sinks, request, plain=False):
     """The fused kernel's output (B, H, T, D) and lse (B, H, T), with the weights (B, H, T, S) (or of the heads
     `request.weight_heads` only) when asked for."""
     output, lse = kernel_with_lse(query, key, value, mask, scaling)  # (B, H, T, D), (B, H, T)
@@ -534,7 +561,7 @@ def _kernel_path(query, key, value, mask, scaling, sinks, request):
     index = slice(None) if heads is None or request.norms else list(heads)
     head_mask = mask if mask is None or mask.shape[1] == 1 else mask[:, index]  # (B|1, h|1, T, S)
     weights = weights_from_lse(query[:, index], key[:, index], lse[:, index], head_mask, scaling)  # (B, h, T, S)
-    if share is not None:
+    if share is not None and not plain:
         weights = weights * share[:, index].unsqueeze(-1)
     return output, weights, lse
 
@@ -660,11 +687,12 @@ def _model_runs_sdpa(config: Any) -> bool:
 
 
 def lens_mask(*args, config: Any = None, allow_is_causal_skip: bool = True, **kwargs):
-    """sdpa's boolean mask; a purely causal mask may be skipped (None, then `module.is_causal` says causal, as sdpa
-    reads it) only for models that support sdpa: the others never ran with a skipped mask, and some of their
-    decoders do not set `is_causal` (PegasusX's did not: its decoder attended bidirectionally until this check)."""
-    if allow_is_causal_skip and not _model_runs_sdpa(config):
-        allow_is_causal_skip = False
+    """sdpa's boolean mask (a purely causal one may be skipped: None, and `module.is_causal` says causal, as sdpa
+    reads it) for models that support sdpa; the eager additive mask for the others, which only ever ran eager: some
+    of their decoders do not set `is_causal` (PegasusX's attended both ways under a skipped mask), and some add
+    biases to the mask in its own dtype (DeepSeek-V4's compressor bias, inverted in a boolean mask)."""
+    if not _model_runs_sdpa(config):
+        return eager_mask(*args, config=config, **kwargs)
     return sdpa_mask(*args, config=config, allow_is_causal_skip=allow_is_causal_skip, **kwargs)
 
 
@@ -736,7 +764,7 @@ def bypassing_modules(model: nn.Module) -> list[tuple[str, str]]:
 
 def unsupported_keywords(cls: type) -> set[str]:
     keywords = interface_keywords(cls) or set()
-    return keywords - KNOWN_KEYWORDS - {"cache"}
+    return keywords - KNOWN_KEYWORDS - OWN_PARAMETERS - {"cache"}
 
 
 # --------------------------------------------------------------------------------------------------------------
