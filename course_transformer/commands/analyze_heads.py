@@ -1,26 +1,34 @@
 """`course-transformer analyze heads MODEL --out DIR`: which heads matter, and how many can go.
 
-For a saved course model (an English-French encoder-decoder, or a decoder LM) and a dataset saved with
-`datasets.save_to_disk`:
+For a saved model folder (ours: an English-French encoder-decoder or a decoder LM; or any folder transformers loads
+whose attention goes through its attention interface: GPT-2, Llama/SmolLM2, BERT/MiniLM, BART, ...) and a dataset
+saved with `datasets.save_to_disk`:
 
-1. the gradient importance of every head (Michel et al. 2019: I_h = E_x |∂L/∂ξ_h| at ξ = 1, normalised per layer
-   by L2), on `--importance-examples` rows of `--importance-split` (held out from the split that is scored);
+1. the importance of every head, on `--importance-examples` rows of `--importance-split` (held out from the split
+   that is scored): for our models the gradient importance (Michel et al. 2019: I_h = E_x |∂L/∂ξ_h| at ξ = 1),
+   through the head gates `head_mask`; for other models the ablation importance, the increase of the loss L when
+   that head alone is ablated (transformers 5 has no head_mask, and the attention lens that gates their heads takes
+   plain numbers, so no gradient reaches the gates: gradient importance is ours only). Normalised per layer by L2;
 2. single-head ablation: the metric with one head masked, minus the full model's metric (`--no-ablation` skips);
 3. the greedy pruning curve: the metric on `--examples` rows of `--split` as the least important heads are masked
    `--step` at a time (`--recompute`: importance recomputed at the new mask before each step, as Michel et al.),
-   with the heads removed for real by `prune_heads` at the `--check-pruned` counts and compared with masking;
-   `--random-seed` adds a random-order curve as the baseline.
+   with the heads removed for real by `prune_heads` at the `--check-pruned` counts and compared with masking (ours
+   only: transformers 5 removed `prune_heads`); `--random-seed` adds a random-order curve as the baseline.
+
+Every model runs under the attention lens (modeling/attention_lens.py): the fused kernel, with a head's output
+multiplied by its gate (ours: `head_mask`; others: `AttentionLens(scale=...)`, the same multiplication).
 
 The metric is greedy-decoding corpus BLEU (sacreBLEU) for an encoder-decoder and the mean token loss (nats) for a
-decoder (`--metric loss` gives the teacher-forced loss for an encoder-decoder too). An encoder (`ours-minilm`:
-all-MiniLM-L6-v2 converted to ours) is scored as a sentence embedder on verse pairs of two English Bibles
-(`--pair k,4`: KJV and WEB, the same verse): paraphrase retrieval accuracy@1 among the scored verses, or
-(`--metric loss`) their in-batch contrastive loss (scale 20, batches of --batch-size), which is also the L of the
-importance. Rows are taken evenly across the split's books.
+decoder (`--metric loss` gives the teacher-forced loss for an encoder-decoder too). An encoder (`bert-minilm`: the
+real all-MiniLM-L6-v2 BertModel; `ours-minilm`: it converted to ours) is scored as a sentence embedder on verse pairs
+of two English Bibles (`--pair k,4`: KJV and WEB, the same verse): paraphrase retrieval accuracy@1 among the scored
+verses, or (`--metric loss`) their in-batch contrastive loss (scale 20, batches of --batch-size), which is also the
+L of the importance. Rows are taken evenly across the split's books.
 
     course-transformer analyze heads runs/enfr-cpu/final --groups encoder.self --examples 300 \\
         --out runs/enfr-cpu/heads
     course-transformer analyze heads ours-minilm --examples 500 --importance-batch-size 16 --out heads-minilm
+    course-transformer analyze heads bert-minilm --examples 100 --importance-batch-size 16 --out heads-bert
 
 Writes heads.json, heads.md, importance.png and pruning_curve.png into --out (atomically).
 """
@@ -43,7 +51,12 @@ from course_transformer.core.io import atomic_write_dir
 from evaluation import head_importance as hi
 
 METRICS = ("bleu", "loss", "retrieval")
-NAMED_MODELS = ("ours-minilm",)
+KINDS = ("encoder", "decoder", "encoder-decoder")
+NAMED_MODELS = ("ours-minilm", "bert-minilm", "smollm2")
+IMPORTANCE_TEXT = {
+    "gradient": "E |∂L/∂ξ_h| of the head gates (Michel et al. 2019)",
+    "ablation": "the increase of the loss when the head alone is ablated (gradient importance is ours only)",
+}
 UNITS = {"bleu": "BLEU", "loss": "mean loss (nats)", "retrieval": "paraphrase retrieval accuracy@1"}
 
 
@@ -58,7 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__.split("\n\n", 1)[1],
     )
-    parser.add_argument("model", type=Path, help=f"a saved course model folder, or {', '.join(NAMED_MODELS)}")
+    parser.add_argument(
+        "model", type=Path, help=f"a saved model folder (ours or any transformers loads), or {', '.join(NAMED_MODELS)}"
+    )
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--dataset", help="datasets.save_to_disk folder (default: the run's train_config.yaml)")
     parser.add_argument("--split", default="test", help="split the metric is measured on")
@@ -77,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--step", type=int, help="heads removed per curve step (default: 1 up to 24 heads, else 10%%)")
     parser.add_argument("--recompute", action="store_true", help="recompute the importance before every step")
     parser.add_argument(
-        "--check-pruned", help="comma-separated head counts pruned for real (default: about 1/4, 1/2, 3/4, all)"
+        "--check-pruned",
+        help="comma-separated head counts pruned for real (default: about 1/4, 1/2, 3/4, all; our models only)",
     )
     parser.add_argument("--random-seed", type=int, help="also a random-order curve with this seed")
     parser.add_argument("--no-ablation", action="store_true", help="skip single-head ablation")
@@ -104,27 +120,23 @@ def _positive(name: str, value: int | None) -> None:
 
 
 def load_inputs(args) -> tuple:
-    """(model, tokenizer, run config) of the model folder, eager attention, eval mode."""
-    from transformers import AutoTokenizer
-
-    from course_transformer.core.conversion import load_course
+    """(model, tokenizer, run config) of a named model or a model folder, under the attention lens, eval mode."""
+    from evaluation.analysis import load_folder, load_named_model  # imports modeling first: no remote-code prompt
 
     if str(args.model) in NAMED_MODELS:
-        from evaluation.analysis import load_named_model
-
         model, tokenizer, _ = load_named_model(str(args.model))
         return model.eval(), tokenizer, {}
-    if not (args.model / "config.json").is_file():
+    if not (args.model / "config.json").is_file() and not list(args.model.glob("*.gguf")):
         raise _InputError(
             f"{args.model} is neither {', '.join(NAMED_MODELS)} nor a saved model folder (no config.json)"
         )
-    model = load_course(args.model).eval()
-    if getattr(model.config, "architecture", None) not in ("encoder", "decoder", "encoder-decoder"):
+    model, tokenizer = load_folder(args.model)
+    if hi.is_ours(model) and getattr(model.config, "architecture", None) not in KINDS:
         raise _InputError(
             f"config.architecture={getattr(model.config, 'architecture', None)!r} is not a course Transformer's: "
             f"allowed 'encoder-decoder' (BLEU or loss), 'decoder' (loss), 'encoder' (retrieval)"
         )
-    return model, AutoTokenizer.from_pretrained(args.model), _run_config(args.model)
+    return model.eval(), tokenizer, _run_config(args.model)
 
 
 def spread(total: int, count: int) -> list[int]:
@@ -244,7 +256,7 @@ def check_counts(counts: list[int], spec: str | None) -> list[int]:
 def build_task(args, model, tokenizer, run_config: dict) -> dict:
     """The batches, loss and metric of the model's kind: translation, language modelling or sentence embedding."""
     allowed = {"encoder-decoder": ("bleu", "loss"), "decoder": ("loss",), "encoder": ("retrieval", "loss")}
-    kind = model.config.architecture
+    kind = hi.model_kind(model)
     metric_name = args.metric or allowed[kind][0]
     if metric_name not in allowed[kind]:
         raise _InputError(f"--metric {metric_name} does not fit an {kind} model: allowed {', '.join(allowed[kind])}")
@@ -291,6 +303,21 @@ def build_task(args, model, tokenizer, run_config: dict) -> dict:
     }
 
 
+def importance_function(model, task: dict, groups: list[str]):
+    """(method, score_fn(removed, normalize=True, progress=False)): the gradient importance for our models, the
+    ablation importance (loss increase when the head alone is ablated) for any other."""
+    batches, loss_fn = task["importance_batches"], task["loss_fn"]
+    if hi.is_ours(model):
+        method, score = "gradient", hi.head_importance
+    else:
+        method, score = "ablation", hi.ablation_scores
+
+    def score_fn(removed, normalize: bool = True, progress: bool = False):
+        return score(model, batches, removed, groups, loss_fn, normalize=normalize, progress=progress)
+
+    return method, score_fn
+
+
 def analyze(args) -> dict:
     """Every measurement of the report, as one JSON-ready dict."""
     started = time.perf_counter()
@@ -301,27 +328,25 @@ def analyze(args) -> dict:
     except ValueError as error:
         raise _InputError(f"--groups: {error}") from None
     task = build_task(args, model, tokenizer, run_config)
-
-    def importance(removed):
-        return hi.head_importance(model, task["importance_batches"], removed, groups, task["loss_fn"], progress=True)
-
+    method, score_fn = importance_function(model, task, groups)
     t = time.perf_counter()
-    raw = hi.head_importance(model, task["importance_batches"], [], groups, task["loss_fn"], normalize=False)
+    raw = score_fn([], normalize=False, progress=True)
     scores = hi.normalize_by_layer(raw)
     timings = {"importance_s": time.perf_counter() - t}
-    metric, metric_name, eval_batches = task["metric"], task["metric_name"], task["eval_batches"]
     report = {
         "model": str(args.model),
+        "model_class": type(model).__name__,
         "dataset": task["dataset"],
-        "metric": metric_name,
-        "higher_is_better": metric_name != "loss",
+        "metric": task["metric_name"],
+        "higher_is_better": task["metric_name"] != "loss",
         "split": args.split,
         "examples": task["examples"],
+        "importance_method": method,
         "importance_split": args.importance_split,
         "importance_examples": task["importance_examples"],
         "importance_batch_size": args.importance_batch_size,
         "groups": groups,
-        "heads_per_layer": model.config.num_attention_heads,
+        "heads_per_layer": hi.head_groups(model)[groups[0]][1],
         "parameters": model.num_parameters(),
         "importance": {g: s.tolist() for g, s in scores.items()},
         "raw_importance": {g: s.tolist() for g, s in raw.items()},
@@ -330,29 +355,46 @@ def analyze(args) -> dict:
     }
     if not args.no_ablation:
         t = time.perf_counter()
-        base, deltas = hi.ablation_deltas(model, metric, groups, progress=True)
+        base, deltas = hi.ablation_deltas(model, task["metric"], groups, progress=True)
         timings["ablation_s"] = time.perf_counter() - t
         report["ablation"] = {"base": base, "delta": {g: d.tolist() for g, d in deltas.items()}}
+    report.update(curves(args, model, task, groups, scores, lambda removed: score_fn(removed, progress=True), timings))
+    timings["total_s"] = time.perf_counter() - started
+    report["timings"] = {k: round(v, 1) for k, v in timings.items()}
+    return report
 
+
+def curves(args, model, task: dict, groups: list[str], scores: dict, score_fn, timings: dict) -> dict:
+    """The pruning curve by importance (and by a random order with --random-seed); `prune_heads` checks on ours."""
     counts = curve_counts(sum(s.numel() for s in scores.values()), args.step)
-    checks = check_counts(counts, args.check_pruned)
+    if hi.is_ours(model):
+        checks = check_counts(counts, args.check_pruned)
+    elif args.check_pruned:
+        raise _InputError(f"--check-pruned: {type(model).__name__} has no prune_heads (ours only in transformers 5)")
+    else:
+        checks = []
+    metric, first_batch = task["metric"], task["eval_batches"][0]
     t = time.perf_counter()
-    curves = {
+    found = {
         "importance": hi.pruning_curve(
-            model, metric, importance, counts, args.recompute, checks, eval_batches[0], progress=True
+            model,
+            metric,
+            lambda removed: scores if not removed else score_fn(removed),
+            counts,
+            args.recompute,
+            checks,
+            first_batch,
+            progress=True,
         )
     }
     timings["curve_s"] = time.perf_counter() - t
     if args.random_seed is not None:
         t = time.perf_counter()
-        curves["random"] = hi.pruning_curve(
+        found["random"] = hi.pruning_curve(
             model, metric, lambda removed: hi.random_scores(model, args.random_seed, groups), counts, progress=True
         )
         timings["random_curve_s"] = time.perf_counter() - t
-    report.update(curves=curves, recompute=args.recompute, check_pruned=checks)
-    timings["total_s"] = time.perf_counter() - started
-    report["timings"] = {k: round(v, 1) for k, v in timings.items()}
-    return report
+    return {"curves": found, "recompute": args.recompute, "check_pruned": checks}
 
 
 # ------------------------------------------------------------------------------------------------ outputs
@@ -372,12 +414,13 @@ def markdown(report: dict) -> str:
         "",
         f"Metric: {unit} on {report['examples']} rows of `{report['split']}` ({report['dataset']}); importance on "
         f"{report['importance_examples']} rows of `{report['importance_split']}` (batches of "
-        f"{report['importance_batch_size']}). Layers and heads count from 1.",
+        f"{report['importance_batch_size']}). Layers and heads count from 1. Importance: "
+        f"{IMPORTANCE_TEXT[report.get('importance_method', 'gradient')]}.",
         "",
     ]
     for group in report["groups"]:
         lines += [
-            f"## {group}: importance (normalised per layer)",
+            f"## {group}: {report.get('importance_method', 'gradient')} importance (normalised per layer)",
             "",
             *_grid_rows(report["importance"][group], 3),
             "",
