@@ -10,7 +10,8 @@
   once per position, not per token, so it belongs to no j and is left out, as in the paper.)
 - `capture_attention_values` runs a model with hooks that record every self-attention layer's weights and value
   vectors f_h(x_j): our CourseTransformer models under every attention backend (the weights of a fast backend are
-  exact, see `modeling`), and BERT-like Hugging Face models (BertModel and its relatives) under eager.
+  exact, see `modeling`), and BERT-like Hugging Face models (BertModel and its relatives) under the attention lens
+  (`attn_implementation="lens"`: exact weights from the fused kernel) or eager.
 - `ablation_importance`: the reference the attention-based scores are compared with, the change of the model's
   output when one input token is replaced by [MASK] (Abnar & Zuidema's blank-out, on a sentence encoder).
 
@@ -181,8 +182,8 @@ def _weights_of(output, site: SelfAttentionSite) -> torch.Tensor:
     weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
     if weights is None or weights.dim() != 4:
         raise RuntimeError(
-            f"{site.name} returned no attention weights: load the model with attn_implementation='eager' "
-            "(Hugging Face models return no weights from fused kernels)"
+            f"{site.name} returned no attention weights: load the model with attn_implementation='lens' or "
+            "attn_implementation='eager' (transformers' sdpa and flash kernels return none)"
         )
     return weights
 
@@ -228,7 +229,7 @@ def capture_attention_values(
     f_h(x_j) = (x_j W_V + b_V) W_O^h (B, H, S, C), in float32.
 
     Works under every backend of our models (weights requested from a fused kernel come from its log-sum-exp or the
-    eager math, exactly); a Hugging Face model must run eager attention to return weights."""
+    eager math, exactly); a Hugging Face model must run the attention lens (or eager) to return weights."""
     sites = self_attention_sites(model, stack)
     kwargs = dict(inputs, output_attentions=True)
     if "use_cache" in inspect.signature(model.forward).parameters:

