@@ -3,9 +3,10 @@
     course-transformer benchmark --mode quick --output outputs/bench
     course-transformer benchmark --mode full --output outputs/bench-full   # bigger machines / GPU
     course-transformer benchmark --mode decode --output outputs/bench-decode   # greedy decoding vs HF, ~10 min
+    course-transformer benchmark --mode lens   # the attention lens on SmolLM2-135M, into outputs/lens-bench
 
 Writes bench.json, bench.md and PNG plots into --output. See evaluation/benchmark.py for the method (decode:
-evaluation/decode_bench.py).
+evaluation/decode_bench.py; lens: evaluation/lens_bench.py).
 """
 
 from __future__ import annotations
@@ -23,20 +24,27 @@ import torch
 from course_transformer.core.io import atomic_write_bytes
 from evaluation.benchmark import BenchSettings, profile_forward, run_benchmark
 from evaluation.decode_bench import DecodeSettings, run_decode_benchmark
+from evaluation.lens_bench import LensSettings, run_lens_benchmark
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="course-transformer benchmark", description=__doc__.splitlines()[0])
     parser.add_argument(
         "--mode",
-        choices=("quick", "full", "tiny", "decode", "decode-tiny"),
+        choices=("quick", "full", "tiny", "decode", "decode-tiny", "lens", "lens-tiny"),
         default="quick",
         help="quick: reduced shapes, ~3 min on 2 CPU cores; full: GPT-2/BERT/BART-base depth; "
         "tiny: seconds, for smoke tests; decode: greedy decoding of the GPT-2-124M and BART-base shapes against "
         "HF default and HF static cache + compile, with the memory-bandwidth limit (~10 min on 2 cores); "
-        "decode-tiny: the same on tiny shapes without compile, for smoke tests",
+        "decode-tiny: the same on tiny shapes without compile, for smoke tests; lens: the attention lens's time "
+        "and memory on SmolLM2-135M against sdpa and eager (~20-30 min on 2 cores); lens-tiny: the same in seconds",
     )
-    parser.add_argument("--output", required=True, help="folder for bench.json, bench.md and the plots")
+    parser.add_argument(
+        "--output",
+        default=None,
+        help="folder for bench.json, bench.md and the plots (lens: default outputs/lens-bench)",
+    )
+    parser.add_argument("--long", action="store_true", help="lens: also the statistics at T=16,384 (~20-30 min more)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: all CPUs)")
     parser.add_argument("--repeats", type=int, default=None, help="override the forward repetitions")
     parser.add_argument("--families", nargs="+", choices=("decoder", "encoder", "encoder-decoder"), default=None)
@@ -78,9 +86,24 @@ def run_decode(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_lens(args: argparse.Namespace) -> int:
+    overrides = {"threads": args.threads, "plots": not args.no_plots, "long_length": 16384 if args.long else None}
+    if args.repeats is not None:
+        overrides["repeats"] = args.repeats
+    settings = LensSettings.tiny(**overrides) if args.mode == "lens-tiny" else LensSettings(**overrides)
+    report = run_lens_benchmark(settings, args.output or "outputs/lens-bench")
+    print(f"{report['wall_seconds']:.1f} s; report: {os.path.join(args.output or 'outputs/lens-bench', 'bench.md')}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if args.mode.startswith("lens"):
+        return run_lens(args)
+    if args.output is None:
+        parser.error("the following arguments are required: --output")
     if args.mode.startswith("decode"):
         return run_decode(args)
     overrides = {"threads": args.threads, "plots": not args.no_plots}
