@@ -163,8 +163,9 @@ def lens_scale(model: nn.Module, masks: dict[str, torch.Tensor]) -> dict[int, di
                 f"{type(model).__name__}: gates that need a gradient work on our models only (head_mask); the "
                 "attention lens scales heads by plain numbers. Use ablation importance for this model."
             )
-        if gate.shape != (len(layers[group]), gate.shape[-1]):
-            raise ValueError(f"{argument}: shape {tuple(gate.shape)}, expected ({len(layers[group])}, heads)")
+        if gate.shape != (len(layers[group]), _heads(model)):
+            expected = (len(layers[group]), _heads(model))
+            raise ValueError(f"{argument}: shape {tuple(gate.shape)}, expected {expected} (layers, heads)")
         for layer, head in (gate != 1).nonzero().tolist():
             scale.setdefault(layers[group][layer], {})[head] = float(gate[layer, head])
     return scale
@@ -173,7 +174,8 @@ def lens_scale(model: nn.Module, masks: dict[str, torch.Tensor]) -> dict[int, di
 @contextlib.contextmanager
 def applied(model: nn.Module, masks: dict[str, torch.Tensor] | None) -> Iterator[dict[str, torch.Tensor]]:
     """The forward keyword arguments that apply `masks` (from `forward_masks`) inside this block: ours takes them
-    as they are; any other model gets none and runs inside an `AttentionLens` that scales the gated heads."""
+    as they are; any other model gets none and runs inside an `AttentionLens` that ablates the heads gated 0
+    (`ablate`) and scales the others gated neither 0 nor 1 (`scale`)."""
     if not masks or is_ours(model):
         yield dict(masks or {})
         return
@@ -186,7 +188,16 @@ def applied(model: nn.Module, masks: dict[str, torch.Tensor] | None) -> Iterator
     key = tuple(sorted((layer, tuple(sorted(heads.items()))) for layer, heads in scale.items()))
     cached = getattr(model, "_head_gates_lens", None)
     if cached is None or cached[0] != key:
-        cached = (key, AttentionLens(model, scale=scale))
+        cached = (key, _lens(model, scale))
         model._head_gates_lens = cached
     with cached[1]:
         yield {}
+
+
+def _lens(model: nn.Module, scale: dict[int, dict[int, float]]) -> AttentionLens:
+    """A lens that zeroes the heads gated 0 (`ablate`) and multiplies the others by their gate (`scale`)."""
+    ablate = {layer: [h for h, f in heads.items() if f == 0.0] for layer, heads in scale.items()}
+    factors = {layer: {h: f for h, f in heads.items() if f != 0.0} for layer, heads in scale.items()}
+    return AttentionLens(
+        model, ablate={k: v for k, v in ablate.items() if v}, scale={k: v for k, v in factors.items() if v}
+    )

@@ -1,6 +1,10 @@
 """What the explorer shows, as functions of a model and its inputs: attention maps, the harness's per-head
 measures, predictions under head ablation, step-by-step generation.
 
+Head ablation is one (L, H) mask of 0/1 for every model: ours takes it as `head_mask` (and `decoder_head_mask`);
+any other model runs inside `AttentionLens(ablate=...)` (`evaluation.head_gates.applied`), which zeroes the same
+heads' outputs: transformers 5 models take no head mask.
+
 Notation: L layers, H heads, T query tokens, S key tokens (S = T for self-attention), V vocabulary.
 """
 
@@ -13,6 +17,7 @@ import torch
 
 from course_transformer.explorer.loading import Loaded, labels
 from evaluation import analysis
+from evaluation.head_gates import applied
 
 
 @dataclass
@@ -29,9 +34,20 @@ def _stack(attentions) -> np.ndarray:
 
 
 def start_ids(loaded: Loaded) -> torch.Tensor:
-    config = loaded.model.config
-    start = config.decoder_start_token_id if config.decoder_start_token_id is not None else config.bos_token_id
+    config = loaded.model.config  # transformers 5 configs lack the fields their model does not use: getattr
+    start = getattr(config, "decoder_start_token_id", None)
+    start = start if start is not None else getattr(config, "bos_token_id", None)
     return torch.tensor([[start or 0]])  # (1, 1)
+
+
+def ablation_masks(loaded: Loaded, head_mask: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """The (L, H) mask under the forward's argument names: `head_mask`, and `decoder_head_mask` for seq2seq."""
+    if head_mask is None:
+        return {}
+    masks = {"head_mask": head_mask}
+    if loaded.kind == "seq2seq":
+        masks["decoder_head_mask"] = head_mask
+    return masks
 
 
 @torch.no_grad()
@@ -42,11 +58,8 @@ def forward(loaded: Loaded, batch: dict, head_mask: torch.Tensor | None = None, 
         inputs["token_type_ids"] = batch["token_type_ids"]
     if loaded.kind == "seq2seq":
         inputs["decoder_input_ids"] = decoder_ids if decoder_ids is not None else start_ids(loaded)
-        if head_mask is not None:
-            inputs["decoder_head_mask"] = head_mask
-    if head_mask is not None:
-        inputs["head_mask"] = head_mask
-    return loaded.model(**inputs, output_attentions=True)
+    with applied(loaded.model, ablation_masks(loaded, head_mask)) as masks:
+        return loaded.model(**inputs, **masks, output_attentions=True)
 
 
 def attention_maps(out) -> Maps:
@@ -57,7 +70,7 @@ def attention_maps(out) -> Maps:
 
 def warm_up(loaded: Loaded) -> None:
     """Pay the one-time costs while loading, not in the first view: the metric modules' imports (evaluate,
-    datasets) and the first eager forward's allocations."""
+    datasets) and the first forward's allocations."""
     for name in ("attention_entropy", "attention_distance", "attention_targets"):
         analysis.metric_module(name)
     ids = torch.tensor([[loaded.tokenizer.pad_token_id or 0] * 4])  # (1, 4)
@@ -154,7 +167,8 @@ def predict(loaded: Loaded, batch: dict, mask: torch.Tensor | None, target_ids=N
 
 def forward_labels(loaded: Loaded, batch: dict, mask):
     inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask")}
-    return loaded.model(**inputs, labels=batch["input_ids"], head_mask=mask)
+    with applied(loaded.model, ablation_masks(loaded, mask)) as masks:
+        return loaded.model(**inputs, labels=batch["input_ids"], **masks)
 
 
 @dataclass

@@ -1,6 +1,9 @@
-"""Models and inputs for the explorer: a preset (random weights), a name evaluation.analysis knows, or a folder.
+"""Models and inputs for the explorer: a preset (random weights), a name evaluation.analysis knows, or a folder
+(ours, or any folder transformers loads: BERT/MiniLM, GPT-2, Llama/SmolLM2, BART, ...).
 
-Every model is loaded with the eager attention, so the weights shown are the exact softmax.
+Every model is loaded under the attention lens (modeling/attention_lens.py): the fused kernel computes each layer,
+and the weights shown are the exact softmax, from its log-sum-exp (eager's within ~1e-6). Heads are ablated through
+our `head_mask` or, for any other model, through `AttentionLens(ablate=...)` (see `compute.forward`).
 """
 
 from __future__ import annotations
@@ -10,8 +13,9 @@ from pathlib import Path
 
 import torch
 
+from modeling.attention_lens import LENS
+
 MAX_TOKENS = 64  # longer inputs are truncated (with a note): the figures stay readable and the view fast
-ALIASES = {"bert-minilm": "ours-minilm"}  # our conversion (exact parity) takes head_mask; BertModel 5.x does not
 
 
 class ExplorerError(ValueError):
@@ -59,7 +63,6 @@ def load_preset_model(name: str, seed: int = 0) -> Loaded:
     config = modeling.load_preset(name, vocab_size=len(tokenizer), **specials)
     if config.architecture == "encoder-decoder":
         config.decoder_start_token_id = specials["bos_token_id"]
-    config._attn_implementation = "eager"
     heads = {
         "decoder": modeling.CourseTransformerForCausalLM,
         "encoder": modeling.CourseTransformerForMaskedLM,
@@ -67,6 +70,7 @@ def load_preset_model(name: str, seed: int = 0) -> Loaded:
     }
     torch.manual_seed(seed)
     model = heads[config.architecture](config).eval()
+    model.set_attn_implementation(LENS)
     return Loaded(model, tokenizer, f"{name} (random weights, seed {seed})", model_kind(model))
 
 
@@ -80,18 +84,17 @@ def load_model(name: str) -> Loaded:
         name = _hub_snapshot(name)
         if name in modeling.list_presets():
             return load_preset_model(name)
-        if name not in MODEL_NAMES and not (Path(name) / "config.json").is_file():
+        folder = Path(name)
+        if name not in MODEL_NAMES and not (folder / "config.json").is_file() and not list(folder.glob("*.gguf")):
             raise ExplorerError(
                 f"{name!r} is not a model folder (no config.json), a preset ({', '.join(modeling.list_presets())}) "
                 f"or one of {', '.join(MODEL_NAMES)}"
             )
-        model, tokenizer, label = load_named_model(ALIASES.get(name, name))
+        model, tokenizer, label = load_named_model(name, attn_implementation=LENS)
     except ExplorerError:
         raise
     except Exception as error:  # a broken folder: the page says why instead of a traceback
         raise ExplorerError(f"{name} does not load: {type(error).__name__}: {' '.join(str(error).split())}") from None
-    if hasattr(model, "set_attn_implementation"):
-        model.set_attn_implementation("eager")
     return Loaded(model.eval(), tokenizer, label, model_kind(model))
 
 
