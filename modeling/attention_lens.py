@@ -38,7 +38,8 @@ import inspect
 import math
 import sys
 import textwrap
-from collections.abc import Iterable, Mapping, Sequence
+import weakref
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -189,24 +190,55 @@ def additive_mask(
     of a boolean mask, so that a row with every key masked gives sdpa's output (zeros); `dead_rows` finds them."""
     length, key_length = query.shape[2], key.shape[2]
     dtype = torch.promote_types(query.dtype, torch.float32)
-    if attention_mask is None and not is_causal and position_bias is None and knockout is None:
-        return None
+    if attention_mask is None and position_bias is None and knockout is None:
+        return None  # nothing, or causal only: the kernel's own causal flag, and `causal_fill` on the scores
+    if attention_mask is not None and position_bias is None and knockout is None:
+        return _converted(attention_mask, dtype)  # the same mask object reaches every layer: converted once
     if attention_mask is None:
         mask = torch.zeros(1, 1, length, key_length, dtype=dtype, device=query.device)  # (1, 1, T, S)
         if is_causal and length > 1:
             future = torch.ones(length, key_length, dtype=torch.bool, device=query.device).triu(1)  # (T, S)
             mask.masked_fill_(future, float("-inf"))
-    elif attention_mask.dtype == torch.bool:
-        mask = torch.zeros(attention_mask.shape, dtype=dtype, device=query.device)  # (B|1, 1, T, S)
-        mask.masked_fill_(~attention_mask, float("-inf"))
-    else:  # additive, as the model built it; its "masked" entries (finfo.min of its dtype) become -inf as sdpa's
-        mask = attention_mask.to(dtype)
-        mask = mask.masked_fill(mask <= torch.finfo(attention_mask.dtype).min / 2, float("-inf"))
+    else:
+        mask = _converted(attention_mask, dtype)
     if position_bias is not None:
         mask = mask + position_bias.to(dtype)  # (1|B, H, T, S)
     if knockout is not None:
-        mask = mask.masked_fill(knockout.to(mask.device), float("-inf"))  # (B|1, H|1, T, S)
+        try:
+            mask = mask.masked_fill(knockout.to(mask.device), float("-inf"))  # (B|1, H|1, T, S)
+        except RuntimeError as error:
+            raise ValueError(
+                f"knockout of shape {tuple(knockout.shape)} does not fit this call's scores (B, H, T, S) = "
+                f"{(query.shape[0], query.shape[1], length, key_length)}: {error}"
+            ) from None
     return mask
+
+
+_CONVERTED: list = [None, None, None]  # weak reference to the last mask converted, its dtype, the result
+
+
+def _converted(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`additive_mask` of a bare mask, kept for the next layer: one (B, 1, T, S) float tensor per forward, not
+    one per layer. Keyed by the mask object itself (a weak reference) and its version counter."""
+    ref, key, result = _CONVERTED[:3]
+    if ref is not None and ref() is attention_mask and key == (dtype, attention_mask._version):
+        return result
+    if attention_mask.dtype == torch.bool:
+        result = torch.zeros(attention_mask.shape, dtype=dtype, device=attention_mask.device)  # (B|1, 1, T, S)
+        result.masked_fill_(~attention_mask, float("-inf"))
+    else:  # additive, as the model built it; its "masked" entries (finfo.min of its dtype) become -inf as sdpa's
+        result = attention_mask.to(dtype)
+        result = result.masked_fill(result <= torch.finfo(attention_mask.dtype).min / 2, float("-inf"))
+    _CONVERTED[:] = [weakref.ref(attention_mask), (dtype, attention_mask._version), result]
+    return result
+
+
+def causal_fill(scores: torch.Tensor, row_start: int = 0) -> torch.Tensor:
+    """Set the future of each query to -inf in place (top-left causal, as sdpa's `is_causal`): scores (..., b, S)
+    of the queries row_start .. row_start + b − 1."""
+    rows = torch.arange(row_start, row_start + scores.shape[-2], device=scores.device)[:, None]  # (b, 1)
+    future = torch.arange(scores.shape[-1], device=scores.device)[None, :] > rows  # (b, S)
+    return scores.masked_fill_(future, float("-inf"))
 
 
 def dead_rows(mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -214,12 +246,22 @@ def dead_rows(mask: torch.Tensor | None) -> torch.Tensor | None:
     Eager's additive finfo.min masks give such a row uniform weights; sdpa gives it a zero output."""
     if mask is None:
         return None
+    if _CONVERTED[2] is mask and len(_CONVERTED) == 4:
+        return _CONVERTED[3]
     dead = torch.isneginf(mask).all(-1)
-    return dead if bool(dead.any()) else None
+    dead = dead if bool(dead.any()) else None
+    if _CONVERTED[2] is mask:  # the shared mask of this forward: scanned once, not per layer
+        _CONVERTED.append(dead)
+    return dead
 
 
 def kernel_with_lse(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, scaling: float
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor | None,
+    scaling: float,
+    causal: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The fused kernel's output (B, H, T, D) and log-sum-exp (B, H, T) of scale·QKᵀ + mask (K, V with H heads).
 
@@ -231,19 +273,26 @@ def kernel_with_lse(
             query, key = (F.pad(x, (0, value_dim - x.shape[-1])) for x in (query, key))
         else:
             value = F.pad(value, (0, query.shape[-1] - value_dim))
-        output, lse = kernel_with_lse(query, key, value, mask, scaling)
+        output, lse = kernel_with_lse(query, key, value, mask, scaling, causal)
         return output[..., :value_dim], lse
     if mask is not None:
         mask = mask.to(query.dtype)
     if query.device.type == "cuda":
         bias = None if mask is None else mask.expand(query.shape[0], query.shape[1], -1, -1)  # (B, H, T, S)
-        output, lse = _CUDA_LSE_KERNEL(query, key, value, bias, True, 0.0, False, scale=scaling)[:2]
+        output, lse = _CUDA_LSE_KERNEL(query, key, value, bias, True, 0.0, causal, scale=scaling)[:2]
         return output, lse[..., : query.shape[2]]  # the efficient kernel pads the lse's query dimension
-    return _CPU_LSE_KERNEL(query, key, value, 0.0, False, attn_mask=mask, scale=scaling)[:2]
+    # `causal` instead of a materialised triangle: the kernel skips the masked blocks (half the work over T×T).
+    return _CPU_LSE_KERNEL(query, key, value, 0.0, causal, attn_mask=mask, scale=scaling)[:2]
 
 
 def scores_minus_lse(
-    query: torch.Tensor, key: torch.Tensor, lse: torch.Tensor, mask: torch.Tensor | None, scaling: float
+    query: torch.Tensor,
+    key: torch.Tensor,
+    lse: torch.Tensor,
+    mask: torch.Tensor | None,
+    scaling: float,
+    causal: bool = False,
+    row_start: int = 0,
 ) -> torch.Tensor:
     """scale·QKᵀ + mask − lse in at least fp32, (B, H, T, S): exponentiated, the exact softmax weights.
 
@@ -256,15 +305,22 @@ def scores_minus_lse(
     shift = lse.to(compute).neg().expand(batch, heads, length).reshape(batch * heads, length, 1)  # (BH, T, 1)
     scores = torch.baddbmm(shift, queries, keys_t, alpha=scaling).view(batch, heads, length, -1)  # (B, H, T, S)
     if mask is not None:
-        scores.add_(mask)  # (B|1, H|1, T, S) broadcast; finfo.min entries exponentiate to 0
+        scores.add_(mask)  # (B|1, H|1, T, S) broadcast; -inf entries exponentiate to 0
+    elif causal:
+        causal_fill(scores, row_start)
     return scores
 
 
 def weights_from_lse(
-    query: torch.Tensor, key: torch.Tensor, lse: torch.Tensor, mask: torch.Tensor | None, scaling: float
+    query: torch.Tensor,
+    key: torch.Tensor,
+    lse: torch.Tensor,
+    mask: torch.Tensor | None,
+    scaling: float,
+    causal: bool = False,
 ) -> torch.Tensor:
     """The exact softmax weights (B, H, T, S) in at least fp32 from the kernel's lse."""
-    weights = scores_minus_lse(query, key, lse, mask, scaling).exp_()  # (B, H, T, S)
+    weights = scores_minus_lse(query, key, lse, mask, scaling, causal).exp_()  # (B, H, T, S)
     return uniform_dead_rows(renormalise(weights), mask)
 
 
@@ -292,6 +348,7 @@ def eager_softmax(
     scaling: float,
     softcap: float | None = None,
     sinks: torch.Tensor | None = None,
+    causal: bool = False,
 ) -> torch.Tensor:
     """softmax(cap(scale·QKᵀ) + mask) in at least fp32, (B, H, T, S); `softcap` c applies c·tanh(s/c) to the scores
     before the mask, as Gemma 2 does (no fused kernel caps, so this is the exact path for capped models); `sinks`
@@ -302,6 +359,8 @@ def eager_softmax(
         scores = torch.tanh(scores / softcap) * softcap
     if mask is not None:
         scores = scores + mask.clamp(min=torch.finfo(compute).min)  # finfo.min, as eager: dead rows come out uniform
+    elif causal:
+        scores = causal_fill(scores)
     if sinks is None:
         return torch.softmax(scores, dim=-1)
     sink = sinks.to(compute).view(1, -1, 1, 1).expand(*scores.shape[:-1], 1)  # (B, H, T, 1)
@@ -347,56 +406,64 @@ def _real_keys(mask: torch.Tensor | None, batch: int, keys: int, device) -> torc
 
 def accumulate_stats(
     stats: StreamingStats,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    lse: torch.Tensor,
-    mask: torch.Tensor | None,
-    scaling: float,
+    block_probs: Callable[[slice], tuple[torch.Tensor, torch.Tensor | None]],
+    shape: tuple[int, int, int, int],
+    masking: tuple[torch.Tensor | None, bool],
     cross: bool,
-    share: torch.Tensor | None = None,
+    device: torch.device,
 ) -> None:
-    """Add one call's statistics to `stats`, computing P one block of `stats.block_size` queries at a time:
-    memory O(b·S) per head, not O(T·S). `share` (B, H, T) scales each row (the mass attention sinks leave)."""
-    batch, heads, length, _ = query.shape
-    keys = key.shape[2]
-    cross = stats.cross if stats.cross is not None else cross
-    real = _real_keys(mask, batch, keys, query.device)  # (B, S)
-    offset = keys - length  # queries are the last T positions of a self-attention's keys (a cache before them)
-    if stats.query_mask is not None:
-        valid = stats.query_mask.to(query.device).bool()  # (B, T)
-    elif cross or offset < 0:
-        valid = torch.ones(batch, length, dtype=torch.bool, device=query.device)
-    else:
-        valid = real[:, offset:]  # a padding query's own key is masked for everyone
-    first = real.float().argmax(-1)  # (B,) the first real key: the sink position under left padding
-    key_pos = torch.arange(keys, device=query.device, dtype=torch.float32)  # (S,)
-    basis = [torch.ones(batch, keys, device=query.device), key_pos.expand(batch, -1)]  # Σ P, Σ P·j
+    """Add one call's statistics to `stats`, taking P (B, H, b, S') and its entropy (or None) from
+    `block_probs(rows)` one block of `stats.block_size` queries at a time: memory O(b·S) per head, not O(T·S).
+    `shape` is (B, H, T, S); S' ≤ S are the keys the block can see; `masking` is (mask, causal only)."""
+    batch, heads, length, keys = shape
+    mask, causal = masking
+    valid, first, offset = _query_layout(stats, mask, shape, cross, device)
+    key_pos = torch.arange(keys, device=device, dtype=torch.float32)  # (S,)
+    basis = [torch.ones(batch, keys, device=device), key_pos.expand(batch, -1)]  # Σ P, Σ P·j
     if stats.special_mask is not None:
-        basis.append(stats.special_mask.to(query.device).float())  # Σ P·special
+        basis.append(stats.special_mask.to(device).float())  # Σ P·special
     basis = torch.stack(basis, -1)[:, None]  # (B, 1, S, 2|3)
-    sums = {name: torch.zeros(batch, heads, device=query.device) for name in ("entropy", "distance", "first")}
-    special = torch.zeros(batch, heads, device=query.device)
-    received = torch.zeros(batch, heads, keys, device=query.device)
+    sums = {name: torch.zeros(batch, heads, device=device) for name in ("entropy", "distance", "first", "special")}
+    received = torch.zeros(batch, heads, keys, device=device)
     for start in range(0, length, stats.block_size):
         rows = slice(start, min(start + stats.block_size, length))
-        block_mask = None if mask is None else mask[:, :, rows]
-        p = scores_minus_lse(query[:, :, rows], key, lse[:, :, rows], block_mask, scaling).exp_()  # (B, H, b, S)
-        p = uniform_dead_rows(renormalise(p), block_mask)
-        if share is not None:
-            p = p * share[:, :, rows].unsqueeze(-1)
+        p, entropy = block_probs(rows)  # (B, H, b, S'), (B, H, b) or None
+        seen = p.shape[-1]
         weight = valid[:, rows].float()[:, None]  # (B, 1, b)
-        moments = torch.matmul(p, basis)  # (B, H, b, 2|3)
-        position = torch.arange(rows.start, rows.stop, device=query.device, dtype=torch.float32) + offset  # (b,)
-        gap = (position[:, None] - key_pos[None, :]).abs()  # (b, S)
-        distance = (p * gap).sum(-1)  # (B, H, b)
-        sink = p.gather(-1, first.view(batch, 1, 1, 1).expand(-1, heads, p.shape[2], 1)).squeeze(-1)  # (B, H, b)
-        sums["entropy"] += (torch.special.entr(p).sum(-1) * weight).sum(-1)  # −Σ p log p, 0 log 0 = 0
+        moments = torch.matmul(p, basis[:, :, :seen])  # (B, H, b, 2|3)
+        position = torch.arange(rows.start, rows.stop, device=device, dtype=torch.float32) + offset  # (b,)
+        if causal:  # every key at or before the query: Σ_j P_ij (i − j) = i Σ_j P_ij − Σ_j P_ij j
+            distance = position * moments[..., 0] - moments[..., 1]  # (B, H, b)
+        else:
+            distance = (p * (position[:, None] - key_pos[None, :seen]).abs()).sum(-1)  # (B, H, b)
+        index = first.clamp(max=seen - 1).view(batch, 1, 1, 1).expand(-1, heads, p.shape[2], 1)  # (B, H, b, 1)
+        sink = p.gather(-1, index).squeeze(-1) * (first < seen).float().view(batch, 1, 1)  # (B, H, b)
+        if entropy is None:
+            entropy = torch.special.entr(p).sum(-1)  # −Σ p log p, 0 log 0 = 0
+        sums["entropy"] += (entropy * weight).sum(-1)
         sums["distance"] += (distance * weight).sum(-1)
         sums["first"] += (sink * weight).sum(-1)
         if stats.special_mask is not None:
-            special += (moments[..., 2] * weight).sum(-1)
-        received += torch.matmul(weight[:, :, None, :], p).squeeze(2)  # (B, 1, 1, b) @ (B, H, b, S) -> (B, H, S)
-    _add_sums(stats, sums, special, received, valid.sum(-1).float())
+            sums["special"] += (moments[..., 2] * weight).sum(-1)
+        received[..., :seen] += torch.matmul(weight[:, :, None, :], p).squeeze(2)  # (B,1,1,b) @ (B,H,b,S') -> (B,H,S')
+    _add_sums(stats, sums, sums["special"], received, valid.sum(-1).float())
+
+
+def _query_layout(stats: StreamingStats, mask, shape, cross: bool, device):
+    """Which queries count (B, T), the first real key of each row (B,) and the queries' offset among the keys."""
+    batch, _, length, keys = shape
+    cross = stats.cross if stats.cross is not None else cross
+    real = _real_keys(mask, batch, keys, device)  # (B, S)
+    # Self-attention's queries are the last T of its keys (a cache before them); cross-attention's are their own
+    # sequence, compared with the encoder's key indices as they are.
+    offset = 0 if cross else keys - length
+    if stats.query_mask is not None:
+        valid = stats.query_mask.to(device).bool()  # (B, T)
+    elif cross or offset < 0:
+        valid = torch.ones(batch, length, dtype=torch.bool, device=device)
+    else:
+        valid = real[:, offset:]  # a padding query's own key is masked for everyone
+    return valid, real.float().argmax(-1), offset
 
 
 def _add_sums(stats: StreamingStats, sums: dict, special: torch.Tensor, received: torch.Tensor, count) -> None:
@@ -520,37 +587,42 @@ def attend(
     causal = _is_causal(module, query, attention_mask, kwargs.get("is_causal"))
     knockout = request.knockout if request is not None else None
     mask = additive_mask(query, key, attention_mask, causal, kwargs.get("position_bias"), knockout)
+    causal = causal and mask is None  # causal only: no mask tensor, the kernel's flag and `causal_fill`
     reason = "softcap: no fused kernel caps the scores" if softcap is not None else lse_unavailable(query, dropout)
     plain = sinks is not None and sink_weights_sum_to_one(module)  # the weights to report leave the sink out
     if reason is not None:
         if softcap is None:
             _warn_once(reason)
-        output, weights, lse = _eager_path(module, query, key, value, mask, scaling, dropout, softcap, sinks)
+        output, weights, lse = _eager_path(module, query, key, value, mask, causal, scaling, dropout, softcap, sinks)
         weights = renormalise(weights.clone()) if plain else weights
     else:
-        output, weights, lse = _kernel_path(query, key, value, mask, scaling, sinks, request, plain)
+        output, weights, lse = _kernel_path(query, key, value, mask, causal, scaling, sinks, request, plain)
     output = output.transpose(1, 2)  # (B, T, H, D)
-    _record(module, request, query, key, value, lse, weights, mask, scaling, None if plain else sinks)
+    share = sink_share(lse.float(), sinks) if sinks is not None and not plain and lse is not None else None
+    _record(module, request, (query, key, value), lse, weights, (mask, causal), scaling, share)
+    heads = request.weight_heads if request is not None else None
+    if weights is not None and heads is not None and weights.shape[1] == query.shape[1]:
+        weights = weights[:, list(heads)]  # the eager path and norms computed every head
     output, weights = intervene(output, weights, request)
     if request is None or not request.weights:
         weights = None
     return output.contiguous(), (weights.to(query.dtype) if weights is not None else None)
 
 
-def _eager_path(module, query, key, value, mask, scaling, dropout, softcap, sinks):
+def _eager_path(module, query, key, value, mask, causal, scaling, dropout, softcap, sinks):
     """The textbook math where no kernel applies (softcap, dropout, gradients): output (B, H, T, D) with sdpa's
     zeros for queries that see no key, the weights (B, H, T, S) and no lse."""
-    weights = eager_softmax(query, key, mask, scaling, softcap, sinks)  # (B, H, T, S)
+    weights = eager_softmax(query, key, mask, scaling, softcap, sinks, causal)  # (B, H, T, S)
     weights = F.dropout(weights, p=dropout, training=module.training)
     dead = dead_rows(mask)  # sdpa's output for a query that sees no key is 0, eager's the mean of V
     probs = weights if dead is None else weights.masked_fill(dead.unsqueeze(-1), 0.0)
     return torch.matmul(probs.to(value.dtype), value), weights, None  # (B, H, T, D)
 
 
-def _kernel_path(query, key, value, mask, scaling, sinks, request, plain=False):
+def _kernel_path(query, key, value, mask, causal, scaling, sinks, request, plain=False):
     """The fused kernel's output (B, H, T, D) and lse (B, H, T), with the weights (B, H, T, S) (or of the heads
     `request.weight_heads` only) when asked for."""
-    output, lse = kernel_with_lse(query, key, value, mask, scaling)  # (B, H, T, D), (B, H, T)
+    output, lse = kernel_with_lse(query, key, value, mask, scaling, causal)  # (B, H, T, D), (B, H, T)
     share = None
     if sinks is not None:
         share = sink_share(lse.float(), sinks)  # (B, H, T)
@@ -560,9 +632,11 @@ def _kernel_path(query, key, value, mask, scaling, sinks, request, plain=False):
     heads = request.weight_heads
     index = slice(None) if heads is None or request.norms else list(heads)
     head_mask = mask if mask is None or mask.shape[1] == 1 else mask[:, index]  # (B|1, h|1, T, S)
-    weights = weights_from_lse(query[:, index], key[:, index], lse[:, index], head_mask, scaling)  # (B, h, T, S)
+    weights = weights_from_lse(query[:, index], key[:, index], lse[:, index], head_mask, scaling, causal)
     if share is not None and not plain:
         weights = weights * share[:, index].unsqueeze(-1)
+        dead = dead_rows(head_mask)  # a query that sees no key gives all its mass to the sink: weights 0
+        weights = weights if dead is None else weights.masked_fill(dead.unsqueeze(-1), 0.0)
     return output, weights, lse
 
 
@@ -575,20 +649,49 @@ def _warn_once(reason: str) -> None:
         logger.warning(f"attention lens: exact weights from eager math, not the fused kernel: {reason}")
 
 
-def _record(module, request, query, key, value, lse, weights, mask, scaling, sinks) -> None:
-    """Statistics and norms of this call into the request (before interventions: they describe the attention)."""
+def _record(module, request, qkv, lse, weights, masking, scaling, share) -> None:
+    """Statistics and norms of this call into the request (before interventions: they describe the attention).
+    The statistics read the weights where all of them are at hand (eager math: softcap, gradients), else each
+    block is recomputed from the kernel's lse (times the sink `share` (B, H, T) where the weights leave it out)."""
     if request is None:
         return
+    query, key, value = qkv
     if request.stats is not None:
-        if lse is None:  # eager path: P is at hand; the lse that reproduces it is log Σ exp(scores)
-            scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * scaling
-            lse = torch.logsumexp(scores if mask is None else scores + mask, -1)  # (B, H, T)
-        share = sink_share(lse.float(), sinks) if sinks is not None else None
+        if weights is not None and weights.shape[1] == query.shape[1]:
+            block_probs = lambda rows: (weights[:, :, rows].float(), None)  # noqa: E731
+        else:
+            block_probs = _lse_blocks(query, key, lse, masking, scaling, share)
+        shape = (query.shape[0], query.shape[1], query.shape[2], key.shape[2])
         cross = bool(getattr(module, "is_cross_attention", False))
-        accumulate_stats(request.stats, query, key, lse, mask, scaling, cross, share)
+        accumulate_stats(request.stats, block_probs, shape, masking, cross, query.device)
     if request.norms and weights is not None and request.site is not None:
         norms = head_value_norms(value, request.projection, query.shape[1])  # (B, H, S)
         request.site.lens.norms[request.site.index] = (weights * norms[:, :, None, :]).to(query.dtype)  # (B,H,T,S)
+
+
+def _lse_blocks(query, key, lse, masking, scaling, share) -> Callable[[slice], tuple]:
+    """P of one block of queries from the kernel's lse, and its entropy: (B, H, b, S') with S' the keys the block
+    can see (causal only: up to its last query, half the work over a sequence), entropy (B, H, b) as
+    −Σ p (s − lse) + log r (r the row sum the renormalisation divides by): no logarithm per weight."""
+    mask, causal = masking
+
+    def block(rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        seen = min(key.shape[2], rows.stop) if causal else key.shape[2]
+        block_mask = None if mask is None else mask[:, :, rows]
+        z = scores_minus_lse(
+            query[:, :, rows], key[:, :, :seen], lse[:, :, rows], block_mask, scaling, causal, rows.start
+        )
+        p = z.exp()  # (B, H, b, S')
+        total = p.sum(-1, keepdim=True).clamp_(min=torch.finfo(p.dtype).tiny)  # (B, H, b, 1)
+        p.div_(total)
+        z.clamp_(min=torch.finfo(z.dtype).min)  # -inf where p = 0: 0 · finfo.min = 0 in the dot product below
+        entropy = total.log().squeeze(-1) - (p.unsqueeze(-2) @ z.unsqueeze(-1)).squeeze(-1).squeeze(-1)
+        p = uniform_dead_rows(p, block_mask)
+        if share is not None:  # the reported weights keep the sink's share out: their entropy is computed as is
+            return p * share[:, :, rows].unsqueeze(-1), None
+        return p, entropy
+
+    return block
 
 
 def intervene(
@@ -711,10 +814,15 @@ register()
 
 
 def _forward_source(cls: type) -> str | None:
-    try:
-        return textwrap.dedent(inspect.getsource(cls.forward))
-    except (OSError, TypeError):
-        return None
+    """The source of the class's forward (inherited or not) and of its own methods (ours calls the interface from a
+    helper method), dedented; None where the source cannot be read."""
+    parts = []
+    for obj in (cls.forward, cls):
+        try:
+            parts.append(textwrap.dedent(inspect.getsource(obj)))
+        except (OSError, TypeError):
+            continue
+    return "\n".join(parts) if parts else None
 
 
 def interface_keywords(cls: type) -> set[str] | None:
@@ -817,6 +925,7 @@ class AttentionLens:
         self.norms: dict[int, torch.Tensor] = {}
         self._stats: dict[int, StreamingStats] = {}
         self._previous: str | None = None
+        self._outer_sites: list[LensSite | None] = []
         found = attention_modules(model)
         if not found:
             raise ValueError(
@@ -833,7 +942,7 @@ class AttentionLens:
         self.layer_names = [name for name, _, _ in found]
         if ablate_with not in HEAD_ABLATIONS:
             raise ValueError(f"ablate_with={ablate_with!r}: allowed {HEAD_ABLATIONS}")
-        if not isinstance(block_size, int) or block_size < 1:
+        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
             raise ValueError(f"block_size={block_size!r}: must be a positive integer")
         self._refuse_unsupported(found)
         self._sites = [self._site(i, name, module) for i, (name, module, _) in enumerate(found)]
@@ -871,12 +980,14 @@ class AttentionLens:
             return []
         if selection == "all":
             return list(range(len(self._sites)))
-        if isinstance(selection, str):
+        if isinstance(selection, str | torch.Tensor) or not isinstance(selection, Iterable):
             raise ValueError(f"{argument}={selection!r}: allowed 'all', None or a list of layer indices")
         return sorted({self._layer(i, argument) for i in selection})
 
-    def _heads(self, layer: int, heads: Iterable[int], argument: str) -> list[int]:
+    def _heads(self, layer: int, heads: Any, argument: str) -> list[int]:
         count = self._sites[layer].num_heads
+        if isinstance(heads, str | torch.Tensor) or not isinstance(heads, Iterable):
+            raise ValueError(f"{argument}[{layer}]={heads!r}: allowed a list of head indices 0..{count - 1}")
         heads = list(heads)
         bad = [h for h in heads if isinstance(h, bool) or not isinstance(h, int) or not 0 <= h < count]
         if bad:
@@ -886,9 +997,19 @@ class AttentionLens:
             )
         return heads
 
+    @staticmethod
+    def _mapping(value: Any, argument: str, what: str) -> Mapping:
+        if value is None:
+            return {}
+        if not isinstance(value, Mapping):
+            raise ValueError(f"{argument}={value!r}: allowed a dict {{layer: {what}}} or None")
+        return value
+
     # -- the plan ---------------------------------------------------------------------------------------------
 
     def _plan(self, found, weights, ablate, ablate_with, scale, keep, knockout, statistics, norms, projection):
+        if projection is not None and not isinstance(projection, str):
+            raise ValueError(f"output_projection={projection!r}: allowed the attribute name of W_O, or None")
         if isinstance(weights, Mapping):  # {layer: heads}: the weights of those heads only
             for layer, heads in weights.items():
                 layer = self._layer(layer, "weights")
@@ -897,41 +1018,52 @@ class AttentionLens:
             weights = None
         for layer in self._layers(weights, "weights"):
             self._sites[layer].request.weights = True
-        for layer, heads in (ablate or {}).items():
+        self._plan_heads(ablate, ablate_with, scale, keep)
+        for layer, edges in self._mapping(knockout, "knockout", "bool tensor (B|1, H|1, T, S)").items():
+            layer = self._layer(layer, "knockout")
+            heads = self._sites[layer].num_heads
+            if not isinstance(edges, torch.Tensor) or edges.dtype != torch.bool or edges.dim() != 4:
+                raise ValueError(f"knockout[{layer}] must be a bool tensor (B|1, H|1, T, S), got {_describe(edges)}")
+            if edges.shape[1] not in (1, heads):
+                raise ValueError(f"knockout[{layer}] has {edges.shape[1]} heads; layer {layer} has {heads} (or use 1)")
+            self._request(layer).knockout = edges
+        for layer in self._layers(norms, "norms"):
+            _, module, parent = found[layer]
+            self._request(layer).norms = True
+            self._request(layer).projection = find_output_projection(module, parent, projection)
+
+    def _plan_heads(self, ablate, ablate_with, scale, keep) -> None:
+        for layer, heads in self._mapping(ablate, "ablate", "heads").items():
             layer = self._layer(layer, "ablate")
             heads = self._heads(layer, heads, "ablate")
             if ablate_with == "mean":
                 self._request(layer).mean_heads = tuple(sorted(set(self._request(layer).mean_heads) | set(heads)))
             else:
                 self._scale(layer)[heads] = 0.0
-        for layer, factors in (scale or {}).items():
+        for layer, factors in self._mapping(scale, "scale", "{head: factor}").items():
             layer = self._layer(layer, "scale")
+            factors = self._mapping(factors, f"scale[{layer}]", "factor")
             for head in self._heads(layer, factors, "scale"):
                 factor = factors[head]
-                if not isinstance(factor, int | float) or not math.isfinite(factor):
-                    raise ValueError(f"scale: factor {factor!r} for head {head} of layer {layer} must be finite")
+                if isinstance(factor, bool) or not isinstance(factor, int | float) or not math.isfinite(factor):
+                    raise ValueError(f"scale: factor {factor!r} of head {head}, layer {layer}: allowed finite numbers")
                 self._scale(layer)[head] *= float(factor)
-        for layer, heads in (keep or {}).items():
+        for layer, heads in self._mapping(keep, "keep", "heads").items():
             layer = self._layer(layer, "keep")
             kept = self._heads(layer, heads, "keep")
             dropped = [h for h in range(self._sites[layer].num_heads) if h not in kept]
             self._scale(layer)[dropped] = 0.0
-        for layer, edges in (knockout or {}).items():
-            layer = self._layer(layer, "knockout")
-            if not isinstance(edges, torch.Tensor) or edges.dtype != torch.bool or edges.dim() != 4:
-                raise ValueError(f"knockout[{layer}] must be a bool tensor (B|1, H|1, T, S), got {_describe(edges)}")
-            self._request(layer).knockout = edges
-        for layer in self._layers(norms, "norms"):
-            name, module, parent = found[layer]
-            request = self._request(layer)
-            request.norms, request.weights = True, request.weights
-            request.projection = find_output_projection(module, parent, projection)
 
     def _plan_stats(self, statistics, special_mask, query_mask, block_size) -> None:
+        queries = self._mapping(query_mask, "query_mask", "bool tensor (B, T)")
         for layer in self._layers(statistics, "statistics"):
             special = special_mask.get(layer) if isinstance(special_mask, Mapping) else special_mask
-            queries = (query_mask or {}).get(layer)
-            self._stats[layer] = self._request(layer).stats = StreamingStats(block_size, special, queries)
+            for argument, value in (("special_mask", special), ("query_mask", queries.get(layer))):
+                if value is not None and (not isinstance(value, torch.Tensor) or value.dim() != 2):
+                    raise ValueError(f"{argument} of layer {layer}: allowed a (B, T|S) tensor; got {_describe(value)}")
+            cross = True if _looks_cross(self.layer_names[layer]) else None
+            stats = StreamingStats(block_size, special, queries.get(layer), cross)
+            self._stats[layer] = self._request(layer).stats = stats
 
     def _route_interventions(self, found, projection_name: str | None) -> None:
         """Head interventions act on the input of the output projection W_O, split into heads: a head's
@@ -966,6 +1098,7 @@ class AttentionLens:
 
     def __enter__(self) -> AttentionLens:
         self._previous = _implementation(self.model)
+        self._outer_sites = [getattr(site.module, "_lens_site", None) for site in self._sites]
         for site in self._sites:
             site.request.site = site
             site.module._lens_site = site
@@ -975,9 +1108,11 @@ class AttentionLens:
         return self
 
     def __exit__(self, *exc) -> None:
-        for site in self._sites:
+        for site, outer in zip(self._sites, self._outer_sites, strict=True):
             if getattr(site.module, "_lens_site", None) is site:
                 del site.module._lens_site
+                if outer is not None:  # a lens entered around this one gets its layers back
+                    site.module._lens_site = outer
             if site.hook is not None:
                 site.hook.remove()
                 site.hook = None
@@ -996,6 +1131,15 @@ class AttentionLens:
         for stats in self._stats.values():
             stats.sums.clear()
             stats.count = None
+
+
+CROSS_ATTENTION_NAMES = ("cross", "encoder_attn", "encdecattention")
+
+
+def _looks_cross(name: str) -> bool:
+    """Whether a module path names a cross-attention (BART/Whisper `encoder_attn`, T5 `EncDecAttention`, ours
+    `cross_attn`): transformers' modules carry no common flag for it."""
+    return any(part in name.lower() for part in CROSS_ATTENTION_NAMES)
 
 
 def _input_width(projection: nn.Module) -> int:

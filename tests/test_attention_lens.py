@@ -300,21 +300,12 @@ def test_text_generation_pipeline_under_the_lens_equals_sdpa():
     assert set(lens.statistics()) == {0, 1}
 
 
-HEAD_SUBSET_BUG = pytest.mark.xfail(
-    strict=True,
-    reason="BUG modeling/attention_lens.py: weights={layer: heads} gives (B, h, T, S) only on the kernel path "
-    "without norms; with gradients enabled `_eager_path` ignores `weight_heads`, and with norms on that layer "
-    "`_kernel_path` computes every head, so lens.weights[layer] is (B, H, T, S), all 4 heads instead of the 2 asked, "
-    "depending on grad mode. Fix: slice `weights[:, list(request.weight_heads)]` after both paths (after the norms).",
-)
-
-
 @pytest.mark.parametrize(
     "grad, extra",
     [
         (False, {}),
-        pytest.param(True, {}, marks=HEAD_SUBSET_BUG, id="grad"),
-        pytest.param(False, {"norms": [0]}, marks=HEAD_SUBSET_BUG, id="with-norms"),
+        pytest.param(True, {}, id="grad"),
+        pytest.param(False, {"norms": [0]}, id="with-norms"),
     ],
 )
 def test_weights_of_chosen_heads_equal_eager(grad, extra, lse_calls):
@@ -637,13 +628,6 @@ def test_gemma2_softcap_and_sliding_window_weights_equal_eager():
     assert (want.attentions[0][0, :, 8, :4] == 0).all(), "layer 0's sliding window of 4 was not applied"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG modeling/attention_lens.py: statistics ignore softcap. On the eager path `_record` recomputes the lse "
-    "from uncapped scores and `accumulate_stats` exponentiates uncapped scores, so Gemma 2's statistics describe an "
-    "attention the model does not compute (weights exact; entropy off by 0.25 and 0.31 nats in layers 0 and 1, "
-    "received by 0.61 and 0.76). Fix: cap the scores in the statistics too (pass softcap to accumulate_stats).",
-)
 @torch.no_grad()
 def test_gemma2_statistics_equal_those_of_eager_weights():
     inputs = batch("llama")
@@ -669,11 +653,6 @@ def test_gpt_oss_sink_weights_equal_eager(lse_calls):
     assert (want.attentions[1].sum(-1)[0] < 0.99).any(), "the sinks took no mass: the test would prove nothing"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG modeling/attention_lens.py: a query that sees no key (left padding) gets uniform weights 1/S from "
-    "`uniform_dead_rows`, but gpt-oss's eager gives it 0 (the sink takes all the mass): max difference 1/9.",
-)
 @torch.no_grad()
 def test_gpt_oss_sink_weights_equal_eager_on_padding_queries_too():
     inputs = batch("llama")
@@ -712,7 +691,7 @@ def test_gpt_oss_with_gradients_equals_eager():
     for (name, a), b in zip(eager.named_parameters(), model.parameters(), strict=True):
         # Gradients reach 20 in size (sums over tokens): TOL relative as well as absolute.
         torch.testing.assert_close(b.grad, a.grad, atol=TOL, rtol=TOL, msg=lambda m, name=name: f"{name}: {m}")
-    rows = inputs["attention_mask"][:, None, :, None].float()  # pad queries: see the xfail above
+    rows = inputs["attention_mask"][:, None, :, None].float()  # pad queries
     for layer in range(NUM_LAYERS):
         assert_close(lens.weights[layer].detach() * rows, want.attentions[layer].detach() * rows, f"{layer} weights")
         for name, value in stats_from_weights(want.attentions[layer].detach(), inputs["attention_mask"]).items():
@@ -756,18 +735,7 @@ def _t5_reference_statistics(inputs: dict, name: str, eager) -> dict[str, torch.
     return stats_from_weights(eager.decoder_attentions[block], None)
 
 
-CROSS_STATISTICS_BUG = pytest.mark.xfail(
-    strict=True,
-    reason="BUG modeling/attention_lens.py: T5's cross-attention modules (BART's and Whisper's too) have no "
-    "`is_cross_attention` attribute and AttentionLens never sets StreamingStats.cross, so `accumulate_stats` takes "
-    "5 decoder queries over 9 encoder keys for self-attention after a cache of S - T = 4: distances from position "
-    "i + 4, valid queries read from the encoder's key padding. Entropy off by 0.14, distance by 1.06 (layer 0). "
-    "Fix: mark cross-attention sites at construction (by name, as evaluation/streaming_stats.py's _CROSS_NAME, or "
-    "key_value_states in the call) and set stats.cross.",
-)
-
-
-@pytest.mark.parametrize("kind", ["encoder", "decoder", pytest.param("cross", marks=CROSS_STATISTICS_BUG)])
+@pytest.mark.parametrize("kind", ["encoder", "decoder", "cross"])
 @torch.no_grad()
 def test_t5_statistics_equal_those_of_eager_weights(kind):
     inputs = batch("t5")
@@ -820,13 +788,6 @@ BAD_ARGUMENTS = {
 }
 
 
-TYPE_BUG = pytest.mark.xfail(
-    strict=True,
-    raises=(TypeError, AttributeError, IndexError),
-    reason="BUG modeling/attention_lens.py: an argument of the wrong container type escapes as TypeError, "
-    "AttributeError or IndexError from inside the lens instead of a ValueError naming the argument "
-    "(`_layers` iterates an int, `_plan` calls .items() on a list, indexes a list of heads as a dict).",
-)
 BAD_TYPES = {
     "weights as an int": (dict(weights=0), "weights"),
     "ablate heads as an int": (dict(ablate={0: 1}), "ablate"),
@@ -838,7 +799,7 @@ BAD_TYPES = {
 }
 
 
-@pytest.mark.parametrize("case", [pytest.param(case, marks=TYPE_BUG) for case in BAD_TYPES])
+@pytest.mark.parametrize("case", list(BAD_TYPES))
 def test_arguments_of_the_wrong_type_raise_value_error(case):
     arguments, name = BAD_TYPES[case]
     model = tiny_llama()
@@ -875,13 +836,6 @@ def test_bad_arguments_raise_before_any_forward(case):
     counter.assert_untouched()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG modeling/attention_lens.py: a knockout whose head dimension is neither 1 nor the layer's head count "
-    "(here (1, 3, T, S) for 4 heads) is accepted at construction though the head count is known there; the forward "
-    "then fails with RuntimeError \"shape '[1, 1, 9, 9]' is invalid for input of size 243\". Same for a batch "
-    "dimension of 3 on a batch of 2 at the call (and T, S that do not match): no ValueError names knockout.",
-)
 def test_knockout_with_the_wrong_head_count_is_refused_at_construction():
     model = tiny_llama()
     counter = ForwardCounter(model)
