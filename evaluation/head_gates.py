@@ -22,6 +22,7 @@ Notation: L layers of a stack, H heads per layer.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import re
 import weakref
@@ -48,6 +49,7 @@ GROUPS = ("encoder.self", "decoder.self", "decoder.cross")
 # group -> forward argument of an encoder-decoder (a one-stack model takes its only mask as `head_mask`)
 ARGUMENT = {"encoder.self": "head_mask", "decoder.self": "decoder_head_mask", "decoder.cross": "cross_attn_head_mask"}
 KINDS = ("encoder", "decoder", "encoder-decoder")
+LENS_CACHE = 1024  # lenses kept per model (a few kB each): every single-head mask of a 30 x 9-head SmolLM2, and more
 # transformers' cross-attention modules carry no flag saying so: BART/Whisper `encoder_attn`, BERT/GPT-2
 # `crossattention`, T5 `EncDecAttention` (ours sets `is_cross_attention`).
 _CROSS_NAME = re.compile(r"(^|\.)(encoder_attn|crossattention|EncDecAttention|cross_attn)$", re.IGNORECASE)
@@ -183,14 +185,16 @@ def applied(model: nn.Module, masks: dict[str, torch.Tensor] | None) -> Iterator
     if not scale:
         yield {}
         return
-    # Building a lens reads every module's source; a metric applies the same masks batch after batch, so the
-    # model keeps the last one it was given (a lens can be entered again).
+    # Building a lens reads every module class's source; a metric applies the same masks batch after batch, and an
+    # analysis the same single-head masks sweep after sweep, so the model keeps the lenses it was given (a lens can
+    # be entered again), the most recent LENS_CACHE of them.
     key = tuple(sorted((layer, tuple(sorted(heads.items()))) for layer, heads in scale.items()))
-    cached = getattr(model, "_head_gates_lens", None)
-    if cached is None or cached[0] != key:
-        cached = (key, _lens(model, scale))
-        model._head_gates_lens = cached
-    with cached[1]:
+    cache = model.__dict__.setdefault("_head_gates_lenses", collections.OrderedDict())
+    lens = cache.pop(key, None) or _lens(model, scale)
+    cache[key] = lens
+    while len(cache) > LENS_CACHE:
+        cache.popitem(last=False)
+    with lens:
         yield {}
 
 
