@@ -780,13 +780,24 @@ def _model_runs_sdpa(config: Any) -> bool:
     transformers' Auto mapping; False when it cannot be told."""
     cls = type(config)
     if cls not in _SDPA_READY:
-        try:
-            from transformers.models.auto.modeling_auto import MODEL_MAPPING
-
-            _SDPA_READY[cls] = bool(getattr(MODEL_MAPPING[cls], "_supports_sdpa", False))
-        except (KeyError, ImportError, ValueError):
-            _SDPA_READY[cls] = False
+        _SDPA_READY[cls] = bool(getattr(_model_class(config), "_supports_sdpa", False))
     return _SDPA_READY[cls]
+
+
+def _model_class(config: Any) -> type | None:
+    """The base model class of a config: transformers' Auto mapping by config class, then by `model_type` (text
+    sub-configs of multimodal models are not always keys of the mapping)."""
+    try:
+        import transformers
+        from transformers.models.auto.modeling_auto import MODEL_MAPPING, MODEL_MAPPING_NAMES
+    except ImportError:  # pragma: no cover
+        return None
+    try:
+        return MODEL_MAPPING[type(config)]
+    except (KeyError, ValueError):
+        name = MODEL_MAPPING_NAMES.get(getattr(config, "model_type", None))
+        name = name[0] if isinstance(name, tuple | list) else name
+        return getattr(transformers, name, None) if isinstance(name, str) else None
 
 
 def lens_mask(*args, config: Any = None, allow_is_causal_skip: bool = True, **kwargs):
@@ -1176,7 +1187,10 @@ def _num_heads(module: nn.Module) -> int:
         value = getattr(config, name, None)
         if isinstance(value, int):
             return value
-    raise ValueError(f"{type(module).__name__}: cannot tell its number of heads (no num_heads attribute)")
+    raise ValueError(
+        f"{type(module).__name__}: the lens cannot tell its number of heads (no num_heads attribute, none in its "
+        "config), so it refuses the model"
+    )
 
 
 def _implementation(model: nn.Module) -> str:
