@@ -355,11 +355,17 @@ def streaming_attention_stats(
             handle.remove()
         bar.close()
     results = _results(sites, lens, inputs, special_mask)
-    names = [site.name for site in sites if site.name in results]
+    return _stacked({site.name: results[site.name] for site in sites if site.name in results})
+
+
+def _stacked(results: dict[str, dict[str, torch.Tensor]]) -> AttentionStats:
+    """Per-module statistics -> (L, B, H) tensors; `received` padded on the right to the longest keys (a seq2seq's
+    encoder and decoder differ in length)."""
+    names = list(results)
 
     def stack(key: str) -> torch.Tensor:
         values = [results[n][key].cpu() for n in names]
-        width = max(v.shape[-1] for v in values)  # `received`: a seq2seq's encoder and decoder differ in length
+        width = max(v.shape[-1] for v in values)
         return torch.stack([F.pad(v, (0, width - v.shape[-1])) if key == "received" else v for v in values])
 
     return AttentionStats(
