@@ -280,33 +280,16 @@ def _keys_of(site: _Site, inputs: dict, special_mask: torch.Tensor | None):
 
 
 def _plan(sites: list[_Site], inputs: dict, special_mask: torch.Tensor | None) -> dict[str, Any]:
-    """The lens's arguments: statistics of the self-attention layers, with their query and special masks; the
-    exact weights of cross-attention layers (see `_cross_stats`)."""
-    plan: dict[str, Any] = {"statistics": [], "weights": [], "special_mask": {}, "query_mask": {}}
+    """The lens's arguments: statistics of every measured layer, with their special masks, and as query masks the
+    padding of self-attention's own tokens (cross-attention counts every query)."""
+    plan: dict[str, Any] = {"statistics": [s.index for s in sites], "special_mask": {}, "query_mask": {}}
     for site in sites:
         keys, special = _keys_of(site, inputs, special_mask)
-        if site.cross:
-            plan["weights"].append(site.index)
-            continue
-        plan["statistics"].append(site.index)
         if special is not None:
             plan["special_mask"][site.index] = special.bool()
-        if keys is not None:  # self-attention: a query counts when its own token is real
+        if keys is not None and not site.cross:  # self-attention: a query counts when its own token is real
             plan["query_mask"][site.index] = keys.bool()
     return plan
-
-
-def _cross_stats(weights: torch.Tensor, site: _Site, inputs: dict, special_mask: torch.Tensor | None) -> dict:
-    """Cross-attention statistics from the lens's exact weights (B, H, T, S). The lens's streaming statistics place
-    query i at key position i + S − T (right for a self-attention with a cache), which for cross-attention shifts
-    every distance; |i − j| over the two sequences' indices, as here before, needs the weights (T × S of one
-    decoder layer, small next to a self-attention's)."""
-    keys, special = _keys_of(site, inputs, special_mask)
-    return stats_from_weights(weights.float().cpu(), _cpu(keys), _cpu(special), cross=True)
-
-
-def _cpu(x: torch.Tensor | None) -> torch.Tensor | None:
-    return None if x is None else x.cpu()
 
 
 @torch.no_grad()
@@ -384,9 +367,7 @@ def _results(sites: list[_Site], lens: AttentionLens, inputs: dict, special_mask
     measured = lens.statistics()
     results = {}
     for site in sites:
-        if site.cross and site.index in lens.weights:
-            stats = _cross_stats(lens.weights[site.index], site, inputs, special_mask)
-        elif site.index in measured:
+        if site.index in measured:
             stats = {k: v.float().cpu() for k, v in measured[site.index].items()}
         elif getattr(site.module, "kept_heads", None) == []:
             stats = _no_heads(site, inputs, special_mask)
