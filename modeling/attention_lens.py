@@ -34,6 +34,7 @@ Notation: B batch, H query heads, H_kv key/value heads, T queries, S keys, D hea
 from __future__ import annotations
 
 import ast
+import functools
 import inspect
 import math
 import sys
@@ -836,7 +837,8 @@ def _forward_source(cls: type) -> str | None:
     return "\n".join(parts) if parts else None
 
 
-def interface_keywords(cls: type) -> set[str] | None:
+@functools.cache
+def interface_keywords(cls: type) -> frozenset[str] | None:
     """The keywords a module class passes to its attention function (read from its forward's source), or None
     when its forward does not call through transformers' attention interface."""
     source = _forward_source(cls)
@@ -852,7 +854,7 @@ def interface_keywords(cls: type) -> set[str] | None:
     for node in ast.walk(tree):
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in names:
             keywords |= {k.arg for k in node.keywords if k.arg is not None}
-    return keywords
+    return frozenset(keywords)  # cached per class: building a lens reads each class's source once
 
 
 def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module, nn.Module | None]]:
@@ -870,15 +872,14 @@ def bypassing_modules(model: nn.Module) -> list[tuple[str, str]]:
     """(name, class) of modules that compute an attention softmax themselves instead of calling the interface
     (a class named *Attention* whose forward calls softmax and never ALL_ATTENTION_FUNCTIONS): under "lens" they
     would read sdpa's boolean mask as an additive one, as GIT's text attention does."""
-    found = []
-    for name, module in model.named_modules():
-        cls = type(module)
-        if "Attention" not in cls.__name__ or interface_keywords(cls) is not None:
-            continue
-        source = _forward_source(cls) or ""
-        if "softmax" in source:
-            found.append((name, cls.__name__))
-    return found
+    return [(name, type(module).__name__) for name, module in model.named_modules() if _bypasses(type(module))]
+
+
+@functools.cache
+def _bypasses(cls: type) -> bool:
+    if "Attention" not in cls.__name__ or interface_keywords(cls) is not None:
+        return False
+    return "softmax" in (_forward_source(cls) or "")
 
 
 def unsupported_keywords(cls: type) -> set[str]:

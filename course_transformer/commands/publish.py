@@ -46,6 +46,7 @@ from modeling.modeling_course_transformer import AUTO_CLASSES_FOR_ARCHITECTURE
 logger = logging.getLogger(__name__)
 
 CODE_FILES = (
+    "attention_lens.py",
     "configuration_course_transformer.py",
     "modeling_course_transformer.py",
     "pipeline_course_transformer.py",
