@@ -5,7 +5,9 @@ lens against eager and the model's fast kernel (docs/attention_lens.md). Here th
 architectures chosen so that every feature the lens handles is exercised at least once: GQA (llama, mistral,
 qwen2, qwen3 with its q/k norms), sliding windows (mistral, gemma2, gemma3), soft-capping (gemma2), attention
 sinks (gpt-oss), T5's position_bias, encoders (bert, roberta, distilbert, albert, electra, xlm-roberta), decoders
-(gpt2, gpt-neox, phi3, olmo2, smollm3) and encoder-decoders with cross-attention (bart, t5, whisper). Each case
+(gpt2, gpt-neox, phi3, olmo2, smollm3), encoder-decoders with cross-attention (bart, t5, whisper), and the cases
+that were once silently wrong (Granite's sinks, BitNet, DiffLlama, NLLB-MoE, MiniCPM3); GIT, PegasusX and DeepSeek-V3.2
+must be refused. Each case
 asserts the numbers (tolerance 1e-5), that the features it is here for were really exercised, and that the
 ablation moved the output (so the ablation check is not vacuous).
 """
@@ -48,6 +50,20 @@ EXACT = {
     "t5": ["encoder-decoder", "cross-attention", "position_bias"],
     "whisper": ["audio features", "encoder-decoder", "cross-attention"],
     "m2m_100": ["encoder-decoder", "cross-attention"],
+    # Cases that were silently wrong before the lens learned them: Granite's sink convention (plain softmax,
+    # output scaled), BitNet's sub-norm and differential attention between the heads and W_O, a decoder without
+    # `is_causal` in a model without sdpa (NLLB-MoE: eager masks), latent attention (V narrower than Q and K).
+    "granite_swa": ["sinks", "sliding window"],
+    "bitnet": ["causal"],
+    "diffllama": ["causal"],
+    "nllb_moe": ["encoder-decoder", "cross-attention"],
+    "minicpm3": ["V dim ≠ QK dim"],
+}
+# Architectures the lens must refuse, with what its message names.
+REFUSED = {
+    "git": "outside transformers' attention interface",  # its text attention computes its own softmax
+    "pegasus_x": "outside transformers' attention interface",  # its encoder's global-local attention
+    "deepseek_v32": "['indices']",  # sparse attention: keys selected by index
 }
 # Architectures the lens may decline, but never get silently wrong: exact within tolerance, or refused.
 EXACT_OR_REFUSED = ["modernbert"]
@@ -95,6 +111,13 @@ def test_lens_is_exact_or_refuses(name):
         assert "the lens cannot make that exact" in result.detail, result.detail
     else:
         assert max(result.weights_diff, result.output_diff, result.ablation_diff) <= TOLERANCE, _numbers(result)
+
+
+@pytest.mark.parametrize("name", sorted(REFUSED))
+def test_lens_refuses_what_it_cannot_make_exact(name):
+    result = check(ARCHITECTURES[name])
+    assert result.status == "refused", _numbers(result)
+    assert REFUSED[name] in result.detail, result.detail
 
 
 def test_the_matrix_catches_a_lens_that_drops_the_position_bias(monkeypatch):
