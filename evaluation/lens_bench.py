@@ -563,7 +563,10 @@ class LensBench:
         case["per_head_saving_share_of_layer_extra"] = (
             (all_heads - one_head) / layer_extra if layer_extra > 0 else None
         )
-        case["per_head_selection"] = "not offered: AttentionLens(weights=...) selects layers; all heads are computed"
+        case["per_head_selection"] = (
+            "AttentionLens(weights={layer: heads}) computes the weights of those heads only; the kernel with its lse "
+            "still runs every head"
+        )
         return case
 
 
