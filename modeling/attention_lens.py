@@ -221,8 +221,10 @@ _CONVERTED: list = [None, None, None]  # weak reference to the last mask convert
 def _converted(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """`additive_mask` of a bare mask, kept for the next layer: one (B, 1, T, S) float tensor per forward, not
     one per layer. Keyed by the mask object itself (a weak reference) and its version counter."""
+    # Inference tensors keep no version counter; within one forward nothing writes the mask in place.
+    version = -1 if attention_mask.is_inference() else attention_mask._version
     ref, key, result = _CONVERTED[:3]
-    if ref is not None and ref() is attention_mask and key == (dtype, attention_mask._version):
+    if ref is not None and ref() is attention_mask and key == (dtype, version):
         return result
     if attention_mask.dtype == torch.bool:
         result = torch.zeros(attention_mask.shape, dtype=dtype, device=attention_mask.device)  # (B|1, 1, T, S)
@@ -230,7 +232,7 @@ def _converted(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor
     else:  # additive, as the model built it; its "masked" entries (finfo.min of its dtype) become -inf as sdpa's
         result = attention_mask.to(dtype)
         result = result.masked_fill(result <= torch.finfo(attention_mask.dtype).min / 2, float("-inf"))
-    _CONVERTED[:] = [weakref.ref(attention_mask), (dtype, attention_mask._version), result]
+    _CONVERTED[:] = [weakref.ref(attention_mask), (dtype, version), result]
     return result
 
 

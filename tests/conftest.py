@@ -124,3 +124,35 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def llama_folder(tmp_path_factory, tokenizer):
+    """A seeded tiny transformers Llama (grouped-query attention) saved with the test tokenizer: a model that is not
+    ours, for the harness, the commands and the explorer under the attention lens."""
+    from transformers import LlamaForCausalLM
+
+    from evaluation.tiny import tiny_llama_config
+
+    folder = tmp_path_factory.mktemp("llama")
+    torch.manual_seed(0)
+    LlamaForCausalLM(tiny_llama_config(vocab_size=len(tokenizer))).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def lse_calls(monkeypatch) -> list[int]:
+    """Counts calls of the CPU kernel that returns the log-sum-exp, so a test knows the lens's lse path ran (the
+    weights came from the kernel, not from eager math)."""
+    from modeling import attention_lens
+
+    calls: list[int] = []
+    real = attention_lens._CPU_LSE_KERNEL
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(attention_lens, "_CPU_LSE_KERNEL", spy)
+    return calls

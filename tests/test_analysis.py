@@ -430,19 +430,6 @@ def _assert_same_numbers(a, b, path: str = "report") -> None:
         assert a == b, (path, a, b)
 
 
-@pytest.fixture(scope="module")
-def llama_folder(tmp_path_factory, tokenizer):
-    from transformers import LlamaForCausalLM
-
-    from evaluation.tiny import tiny_llama_config
-
-    folder = tmp_path_factory.mktemp("llama")
-    torch.manual_seed(0)
-    LlamaForCausalLM(tiny_llama_config(vocab_size=len(tokenizer))).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
 @pytest.mark.parametrize("name", ["bert-minilm", "llama-folder"])
 def test_folders_load_under_the_lens_and_report_what_eager_reports(name, llama_folder):
     """The real all-MiniLM-L6-v2 folder (transformers' BertModel) and a saved tiny Llama (any folder transformers

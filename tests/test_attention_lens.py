@@ -186,20 +186,6 @@ def real_positions(inputs: dict) -> torch.Tensor:
     return inputs["attention_mask"][..., None].float()
 
 
-@pytest.fixture
-def lse_calls(monkeypatch) -> list[int]:
-    """Counts calls of the CPU kernel that returns the log-sum-exp, so a test knows the lse path ran."""
-    calls: list[int] = []
-    real = al._CPU_LSE_KERNEL
-
-    def spy(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(al, "_CPU_LSE_KERNEL", spy)
-    return calls
-
-
 def assert_close(got: torch.Tensor, want: torch.Tensor, what: str = "") -> None:
     worst = (got.float() - want.float()).abs().max().item()
     assert worst <= TOL, f"{what}: max |difference| = {worst:.3e} > {TOL:.0e}"

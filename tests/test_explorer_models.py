@@ -21,19 +21,6 @@ TEXT = "the cat sat on the mat . the dog ran to the park"
 ABLATED = ["1-2", "2-4"]  # layer-head, from 1
 
 
-@pytest.fixture(scope="module")
-def llama_folder(tmp_path_factory, tokenizer):
-    from transformers import LlamaForCausalLM
-
-    from evaluation.tiny import tiny_llama_config
-
-    folder = tmp_path_factory.mktemp("llama")
-    torch.manual_seed(0)
-    LlamaForCausalLM(tiny_llama_config(vocab_size=len(tokenizer))).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
 @contextlib.contextmanager
 def eager_with_heads_zeroed(model, ablated: list[str]):
     """The model under eager attention, the ablated heads' columns of W_O's input set to 0 by hooks."""

