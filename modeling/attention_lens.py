@@ -238,10 +238,12 @@ def _converted(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor
 
 def causal_fill(scores: torch.Tensor, row_start: int = 0) -> torch.Tensor:
     """Set the future of each query to -inf in place (top-left causal, as sdpa's `is_causal`): scores (..., b, S)
-    of the queries row_start .. row_start + b − 1."""
-    rows = torch.arange(row_start, row_start + scores.shape[-2], device=scores.device)[:, None]  # (b, 1)
-    future = torch.arange(scores.shape[-1], device=scores.device)[None, :] > rows  # (b, S)
-    return scores.masked_fill_(future, float("-inf"))
+    of the queries row_start .. row_start + b − 1. Only the keys from row_start on can be in a query's future, so
+    only that (b, S − row_start) corner is touched, not the whole block."""
+    corner = scores[..., row_start:]  # (..., b, S − row_start): a view
+    future = torch.ones(corner.shape[-2:], dtype=torch.bool, device=scores.device).triu_(1)  # j > i
+    corner.masked_fill_(future, float("-inf"))
+    return scores
 
 
 def dead_rows(mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -687,8 +689,9 @@ def _lse_blocks(query, key, lse, masking, scaling, share) -> Callable[[slice], t
         p = z.exp()  # (B, H, b, S')
         total = p.sum(-1, keepdim=True).clamp_(min=torch.finfo(p.dtype).tiny)  # (B, H, b, 1)
         p.div_(total)
-        z.clamp_(min=torch.finfo(z.dtype).min)  # -inf where p = 0: 0 · finfo.min = 0 in the dot product below
-        entropy = total.log().squeeze(-1) - (p.unsqueeze(-2) @ z.unsqueeze(-1)).squeeze(-1).squeeze(-1)
+        # -inf where p = 0 (0 · -inf is NaN): causal only, they lie in the corner from the block's first query on.
+        (z[..., rows.start :] if causal else z).clamp_(min=torch.finfo(z.dtype).min)
+        entropy = total.log().squeeze(-1) - z.mul_(p).sum(-1)  # (B, H, b): z is not needed after this
         p = uniform_dead_rows(p, block_mask)
         if share is not None:  # the reported weights keep the sink's share out: their entropy is computed as is
             return p * share[:, :, rows].unsqueeze(-1), None
