@@ -215,7 +215,18 @@ def additive_mask(
     return mask
 
 
-_CONVERTED: list = [None, None, None]  # weak reference to the last mask converted, its dtype, the result
+@dataclass
+class _MaskCache:
+    """The last bare mask converted to additive form: a weak reference to it, its (dtype, version) key, the
+    converted tensor and, once scanned, its dead rows. Every layer of a forward receives the same mask object."""
+
+    ref: Any = None
+    key: tuple | None = None
+    result: torch.Tensor | None = None
+    dead: Any = "unscanned"  # a (B|1, H|1, T) bool tensor, None (no dead row) or "unscanned"
+
+
+_MASKS = _MaskCache()
 
 
 def _converted(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -223,16 +234,16 @@ def _converted(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor
     one per layer. Keyed by the mask object itself (a weak reference) and its version counter."""
     # Inference tensors keep no version counter; within one forward nothing writes the mask in place.
     version = -1 if attention_mask.is_inference() else attention_mask._version
-    ref, key, result = _CONVERTED[:3]
-    if ref is not None and ref() is attention_mask and key == (dtype, version):
-        return result
+    cache = _MASKS
+    if cache.ref is not None and cache.ref() is attention_mask and cache.key == (dtype, version):
+        return cache.result
     if attention_mask.dtype == torch.bool:
         result = torch.zeros(attention_mask.shape, dtype=dtype, device=attention_mask.device)  # (B|1, 1, T, S)
         result.masked_fill_(~attention_mask, float("-inf"))
     else:  # additive, as the model built it; its "masked" entries (finfo.min of its dtype) become -inf as sdpa's
         result = attention_mask.to(dtype)
         result = result.masked_fill(result <= torch.finfo(attention_mask.dtype).min / 2, float("-inf"))
-    _CONVERTED[:] = [weakref.ref(attention_mask), (dtype, version), result]
+    cache.ref, cache.key, cache.result, cache.dead = weakref.ref(attention_mask), (dtype, version), result, "unscanned"
     return result
 
 
@@ -251,12 +262,13 @@ def dead_rows(mask: torch.Tensor | None) -> torch.Tensor | None:
     Eager's additive finfo.min masks give such a row uniform weights; sdpa gives it a zero output."""
     if mask is None:
         return None
-    if _CONVERTED[2] is mask and len(_CONVERTED) == 4:
-        return _CONVERTED[3]
+    shared = _MASKS.result is mask  # the converted mask of this forward: scanned once, not per layer
+    if shared and not isinstance(_MASKS.dead, str):
+        return _MASKS.dead
     dead = torch.isneginf(mask).all(-1)
     dead = dead if bool(dead.any()) else None
-    if _CONVERTED[2] is mask:  # the shared mask of this forward: scanned once, not per layer
-        _CONVERTED.append(dead)
+    if shared:
+        _MASKS.dead = dead
     return dead
 
 
